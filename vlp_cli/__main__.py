@@ -1,0 +1,3 @@
+from vlp_cli.cli import main
+
+main()

@@ -1,0 +1,337 @@
+"""The `vlp` command line: one short command per stage, no logic of its own.
+
+Heavy imports (torch, transformers) happen inside the commands, so `vlp --help` is quick.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vlp_cli import VlpError, __version__
+
+app = typer.Typer(
+    name="vlp",
+    help="Vision-language pre-training (Oscar, UNITER): images -> features -> corpus -> "
+         "pre-trained and fine-tuned checkpoints -> metrics and captions.\n\n"
+         "Quick start on the embedded easy-VQA data: `make demo`.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+
+# Shared option aliases --------------------------------------------------------------------------
+Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML (see "
+                   "recipes/); fine-tuning and evaluation default to the checkpoint's own.")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, "
+                 "e.g. `--set pretrain.train.steps=100`; repeatable.")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
+Features = Annotated[Path, typer.Option("--features", "-f", help="Feature store directory "
+                     "(from `vlp extract-features`).")]
+Corpus = Annotated[Path, typer.Option("--corpus", "-c", help="Corpus store directory (from "
+                   "`vlp build-corpus`).")]
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-k", help="Checkpoint directory.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its "
+                   "saved training state.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def _friendly(fn: Callable) -> Callable:
+    """User errors become one red line and exit status 1 (also under CliRunner)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except VlpError as exc:
+            typer.secho(f"error: {exc}", fg="red", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _setup(verbose: bool = False) -> None:
+    from vlp_cli.console import setup_logging
+
+    setup_logging(verbose)
+
+
+def _recipe(path: Path | None, sets: list[str] | None) -> object:
+    from vlp_cli.config import load_recipe
+
+    return load_recipe(path if path is not None else "tiny", sets or [])
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vlp {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version.")] = False) -> None:
+    """vlp: vision-language pre-training from a laptop CPU to many GPUs."""
+
+
+@app.command("extract-features")
+@_friendly
+def extract_features(
+    images: Annotated[str, typer.Argument(help="Image folder (recursive: jpg, png, webp, bmp), "
+                                               "or `easy-vqa` for the embedded data set.")],
+    out: Out,
+    boxes: Annotated[Optional[Path], typer.Option(help="JSONL of given boxes per image: "
+                     '{"image": key, "boxes": [[x1,y1,x2,y2],...], "labels": [...]}.')] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
+    strict: Annotated[bool, typer.Option(help="Exit non-zero if any image fails.")] = False,
+    recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+) -> None:
+    """Images -> region features, boxes and object tags (an LMDB feature store).
+
+    Keys are image paths relative to the folder. Rerunning into the same --out resumes.
+
+    Examples:
+
+        vlp extract-features photos/ --out feats/
+
+        vlp extract-features easy-vqa --out feats/ --recipe recipes/tiny.yaml
+    """
+    _setup(verbose)
+    from vlp_cli.stages import extract
+
+    extract.run(images, out, _recipe(recipe, sets), boxes=boxes, limit=limit, strict=strict)
+
+
+@app.command("build-corpus")
+@_friendly
+def build_corpus(
+    sources: Annotated[list[str], typer.Argument(help="`easy-vqa`, or `[SPLIT=]FILE.jsonl` with "
+                       'lines {"image", "caption"} or {"image", "question", "answers"}.')],
+    features: Features, out: Out,
+    skip_missing: Annotated[bool, typer.Option(help="Skip examples whose image has no "
+                            "features instead of failing.")] = False,
+    recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+) -> None:
+    """Captions, questions and pairs + features -> a tokenised corpus (LMDB).
+
+    Examples:
+
+        vlp build-corpus easy-vqa --features feats/ --out corpus/
+
+        vlp build-corpus train=caps.jsonl test=caps_test.jsonl -f feats/ -o corpus/
+    """
+    _setup(verbose)
+    from vlp_cli.stages import corpus
+
+    corpus.run(sources, features, out, _recipe(recipe, sets), skip_missing=skip_missing)
+
+
+@app.command()
+@_friendly
+def pretrain(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/tiny.yaml.")],
+    corpus: Corpus, features: Features, out: Out, resume: Resume = False, sets: Sets = None,
+    verbose: Verbose = False,
+) -> None:
+    """Corpus + features -> a pre-trained checkpoint (Oscar: masked tokens + polluted tags).
+
+    Runs under `accelerate launch` for several processes or GPUs.
+
+    Examples:
+
+        vlp pretrain recipes/tiny.yaml -c corpus/ -f feats/ -o ckpt/
+
+        accelerate launch -m vlp_cli pretrain recipes/oscar-base.yaml -c corpus/ -f feats/ -o ckpt/
+    """
+    _setup(verbose)
+    from vlp_cli.stages import pretrain as stage
+
+    stage.run(_recipe(recipe, sets), corpus, features, out, resume=resume)
+
+
+@app.command()
+@_friendly
+def finetune(
+    task: Annotated[str, typer.Argument(help="vqa | retrieval | captioning")],
+    checkpoint: Checkpoint, corpus: Corpus, features: Features, out: Out,
+    resume: Resume = False, recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+) -> None:
+    """Checkpoint + task corpus -> a fine-tuned checkpoint.
+
+    Examples:
+
+        vlp finetune vqa -k ckpt/ -c corpus/ -f feats/ -o ckpt-vqa/
+
+        vlp finetune retrieval -k ckpt/ -c corpus/ -f feats/ -o ckpt-ret/ --set retrieval.train.steps=2000
+    """
+    _setup(verbose)
+    from vlp_cli.stages import finetune as stage
+    from vlp_cli.stages.common import checkpoint_recipe
+
+    stage.run(task, checkpoint, corpus, features, out,
+              checkpoint_recipe(checkpoint, recipe, sets or []), resume=resume)
+
+
+@app.command()
+@_friendly
+def evaluate(
+    task: Annotated[str, typer.Argument(help="vqa | retrieval | captioning")],
+    checkpoint: Checkpoint, corpus: Corpus, features: Features,
+    split: Annotated[str, typer.Option(help="Corpus split to score.")] = "test",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Metrics JSON (default: "
+                   "CHECKPOINT/eval-SPLIT.json); predictions go beside it.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score at most N questions / images.")]
+    = None,
+    recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+) -> None:
+    """Checkpoint + corpus -> metrics: VQA accuracy, R@1/5/10 both ways, BLEU/METEOR/ROUGE-L/CIDEr.
+
+    Examples:
+
+        vlp evaluate vqa -k ckpt-vqa/ -c corpus/ -f feats/
+
+        vlp evaluate retrieval -k ckpt-ret/ -c corpus/ -f feats/ --split val
+    """
+    _setup(verbose)
+    from vlp_cli.stages import evaluate as stage
+    from vlp_cli.stages.common import checkpoint_recipe
+
+    result = stage.run(task, checkpoint, corpus, features,
+                       checkpoint_recipe(checkpoint, recipe, sets or []), split, out, limit)
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command()
+@_friendly
+def caption(
+    checkpoint: Checkpoint, out: Out,
+    features: Annotated[Optional[Path], typer.Option("--features", "-f", help="Caption the "
+                        "images of this feature store.")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Or caption an image folder "
+                      "(features extracted as the checkpoint's were).")] = None,
+    boxes: Annotated[Optional[Path], typer.Option(help="Given boxes for --images, when the "
+                     "checkpoint was trained on given boxes.")] = None,
+    corpus: Annotated[Optional[Path], typer.Option("--corpus", "-c", help="Take the images of "
+                      "a corpus split, with their reference captions.")] = None,
+    split: Annotated[str, typer.Option(help="Split of --corpus.")] = "test",
+    limit: Annotated[Optional[int], typer.Option(help="At most N images.")] = None,
+    recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+) -> None:
+    """Captioning checkpoint + images or features -> captions (JSONL).
+
+    Examples:
+
+        vlp caption -k ckpt-cap/ --images photos/ -o captions.jsonl
+
+        vlp caption -k ckpt-cap/ -f feats/ -c corpus/ --split test --limit 8 -o caps.jsonl
+    """
+    _setup(verbose)
+    from vlp_cli.stages import caption as stage
+    from vlp_cli.stages.common import checkpoint_recipe
+
+    stage.run(checkpoint, out, checkpoint_recipe(checkpoint, recipe, sets or []),
+              features=features, images=images, boxes=boxes, corpus=corpus, split=split,
+              limit=limit)
+
+
+@app.command()
+@_friendly
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check.")], sets: Sets = None,
+) -> None:
+    """Check a recipe (every key and type) without running anything; print it resolved.
+
+    Example:
+
+        vlp validate recipes/tiny.yaml --set pretrain.train.lr=1e-4
+    """
+    import yaml
+
+    from vlp_cli.config import load_recipe, recipe_to_dict
+
+    r = load_recipe(recipe, sets or [])
+    typer.echo(yaml.safe_dump(recipe_to_dict(r), sort_keys=False).rstrip())
+    typer.echo(f"# {recipe}: valid", err=True)
+
+
+@app.command()
+@_friendly
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A feature store, corpus, or checkpoint directory "
+                                              "(or a metrics JSON).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Describe any store or checkpoint: schema, counts, dims, provenance.
+
+    Examples:
+
+        vlp inspect feats/
+
+        vlp inspect ckpt/ --json
+    """
+    from vlp_cli.stages import inspect as stage
+
+    info = stage.describe(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+    else:
+        stage.show(info)
+
+
+@app.command()
+@_friendly
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A folder of stage outputs (as `make demo` "
+                                                 "writes).")],
+) -> None:
+    """Summarise a run folder: metrics of every evaluation and sample captions, as a table.
+
+    Example:
+
+        vlp report .demo/
+    """
+    from vlp_cli.stages import report as stage
+
+    stage.show(run_dir)
+
+
+@app.command()
+@_friendly
+def bench(
+    name: Annotated[str, typer.Argument(help="pipeline")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results here.")]
+    = None,
+    reps: Annotated[int, typer.Option(help="Measured repetitions (after one warm-up).")] = 5,
+    verbose: Verbose = False,
+) -> None:
+    """Speed as ratios against a baseline interleaved in the same run (median of reps).
+
+    Example:
+
+        vlp bench pipeline --json bench.json
+    """
+    _setup(verbose)
+    from vlp_cli.stages import bench as stage
+
+    result = stage.run(name, reps=reps)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    """Console entry point: user errors print one line, not a traceback."""
+    try:
+        app()
+    except VlpError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg="red", err=True)
+        sys.exit(130)

@@ -1,0 +1,143 @@
+"""Assembling one model input from a corpus example and the feature store.
+
+Oscar's triple: `[CLS] words [SEP] tags [SEP]` (words type 0, tags type 1) followed by the
+regions. Tags are the labels of the boxes the read-time policy selects, so tags and features
+always come from the same selection; the whole-image region, when the store has one, goes
+first and carries no tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vlp_cli import VlpError
+from vlp_cli.config import DataCfg
+from vlp_cli.stores.features import FeatureStore, Regions, position_features
+
+
+@dataclass
+class ImageInput:
+    """The regions of one image as the model sees them."""
+
+    feats: np.ndarray  # [R, F] float16
+    pos: np.ndarray  # [R, P] float32
+    tag_classes: list[int]  # class ids of the tagged boxes, in box order
+
+
+@dataclass
+class TextInput:
+    """Token ids of the text part and the span layout needed for masking."""
+
+    ids: list[int]  # [CLS] a [SEP] b [SEP]
+    types: list[int]
+    a_span: tuple[int, int]  # positions of the words (without specials)
+    b_span: tuple[int, int]  # positions of the tags
+
+
+def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Drop tokens from the end of the longer sequence until both fit (BERT's/Oscar's rule)."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > budget:
+        if len(a) > len(b):
+            a.pop()
+        else:
+            b.pop()
+    return a, b
+
+
+class ExampleBuilder:
+    """Reads regions and builds Oscar-style sequences; shared by every task's dataset."""
+
+    def __init__(self, tokenizer: Any, features: FeatureStore | None, cfg: DataCfg,
+                 labels: list[str] | None = None):
+        self.features = features  # None when regions come from memory (`image_input`)
+        self.cfg = cfg
+        self.cls_id = int(tokenizer.cls_token_id)
+        self.sep_id = int(tokenizer.sep_token_id)
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.mask_id = int(tokenizer.mask_token_id)
+        self.vocab_size = int(len(tokenizer))
+        self.special_ids = set(int(i) for i in tokenizer.all_special_ids)
+        # Multi-word labels ("traffic light") stay one tag; their word pieces are cached once.
+        self.tag_pieces = [tokenizer(label, add_special_tokens=False).input_ids
+                           for label in (labels if labels is not None else features.labels)]
+        self.pos_dim = 7 if cfg.pos_kind == "uniter7" else 6
+
+    def regions(self, key: str) -> ImageInput:
+        c = self.cfg
+        if self.features is None:
+            raise ValueError("this builder has no feature store; use image_input()")
+        try:
+            r: Regions = self.features.get_selected(key, c.conf_th, c.min_boxes, c.max_boxes)
+        except KeyError:
+            raise VlpError(f"image {key!r} is not in feature store {self.features.path}: "
+                           "extract it, or pass the store the corpus was built on") from None
+        return self.image_input(r)
+
+    def image_input(self, r: Regions) -> ImageInput:
+        """Model-ready regions from a (selected) record, e.g. one extracted in memory."""
+        c = self.cfg
+        has_image = c.image_region and r.image_feature is not None
+        r = r.take(max(c.max_regions - int(has_image), 0))
+        feats, boxes = r.features, r.boxes
+        if has_image:
+            whole = np.array([[0, 0, r.width, r.height]], np.float32)
+            feats = np.concatenate([r.image_feature[None], feats], 0)
+            boxes = np.concatenate([whole, boxes], 0)
+        pos = position_features(boxes, r.width, r.height, c.pos_kind)
+        tags = [int(x) for x in r.class_ids if x >= 0] if c.use_tags else []
+        return ImageInput(feats, pos, tags)
+
+    def tag_classes(self, key: str) -> list[int]:
+        """Only the tags of an image (for Oscar's polluted-tag negatives)."""
+        return self.regions(key).tag_classes
+
+    def tag_ids(self, classes: list[int]) -> list[int]:
+        out: list[int] = []
+        for c in classes:
+            if 0 <= c < len(self.tag_pieces):
+                out.extend(self.tag_pieces[c])
+            if len(out) >= self.cfg.max_tag_len:
+                break
+        return out[: self.cfg.max_tag_len]
+
+    def text(self, words: list[int], tags: list[int], max_len: int) -> TextInput:
+        """`[CLS] words [SEP] tags [SEP]` within max_len (or `[CLS] words [SEP]` without tags)."""
+        if tags:
+            a, b = truncate_pair(words, tags, max_len - 3)
+            ids = [self.cls_id, *a, self.sep_id, *b, self.sep_id]
+            types = [0] * (len(a) + 2) + [1] * (len(b) + 1)
+            return TextInput(ids, types, (1, 1 + len(a)), (2 + len(a), 2 + len(a) + len(b)))
+        a = list(words[: max_len - 2])
+        return TextInput([self.cls_id, *a, self.sep_id], [0] * (len(a) + 2), (1, 1 + len(a)),
+                         (2 + len(a), 2 + len(a)))
+
+
+def mask_tokens(ids: list[int], candidates: list[int], prob: float, builder: ExampleBuilder,
+                rng: np.random.Generator, max_masked: int | None = None,
+                at_least_one: bool = True) -> tuple[list[int], list[int]]:
+    """BERT masking: choose `prob` of the candidate positions; 80% [MASK], 10% random, 10% kept.
+
+    Returns the corrupted ids and labels (-100 where nothing is predicted). At least one
+    position is chosen when there is any candidate, so every example contributes to the loss.
+    """
+    ids = list(ids)
+    labels = [-100] * len(ids)
+    if not candidates:
+        return ids, labels
+    chosen = [p for p in candidates if rng.random() < prob]
+    if not chosen and at_least_one:
+        chosen = [int(rng.choice(candidates))]
+    if max_masked is not None and len(chosen) > max_masked:
+        chosen = sorted(rng.choice(chosen, size=max_masked, replace=False).tolist())
+    for p in chosen:
+        labels[p] = ids[p]
+        u = rng.random()
+        if u < 0.8:
+            ids[p] = builder.mask_id
+        elif u < 0.9:
+            ids[p] = int(rng.integers(0, builder.vocab_size))
+    return ids, labels

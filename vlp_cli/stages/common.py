@@ -1,0 +1,84 @@
+"""What the training and evaluation stages share: opening inputs and checking they match."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlp_cli import VlpError
+from vlp_cli.checkpoint import is_checkpoint, tokenizer_identity
+from vlp_cli.config import Recipe, load_recipe, load_recipe_data
+from vlp_cli.stores.corpus import Corpus
+from vlp_cli.stores.features import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    corpus: Corpus
+    features: FeatureStore
+
+
+def open_inputs(corpus: Path, features: Path) -> Inputs:
+    """Open a corpus and a feature store and check that the corpus was built on these features."""
+    c = Corpus(corpus)
+    f = FeatureStore(features)
+    want = c.meta.get("features", {})
+    if want.get("fingerprint") != f.fingerprint:
+        raise VlpError(
+            f"corpus {corpus} was built on features {want.get('fingerprint')} "
+            f"({want.get('path')}), but {features} holds {f.fingerprint}: pass the matching "
+            "--features, or rebuild the corpus on these")
+    return Inputs(c, f)
+
+
+def check_tokenizer(tok: Any, corpus: Corpus, where: str) -> None:
+    """The model's vocabulary must be the one the corpus was tokenised with."""
+    have = tokenizer_identity(tok)["vocab_sha"]
+    want = corpus.meta.get("tokenizer", {}).get("vocab_sha")
+    if have != want:
+        raise VlpError(
+            f"{where} uses a different vocabulary ({have}) from the one corpus {corpus.path} was "
+            f"tokenised with ({want}): rebuild the corpus with `--set corpus.tokenizer=...` "
+            "naming this model's tokenizer")
+
+
+def check_features(meta: dict, store: FeatureStore, checkpoint: Path) -> None:
+    """A checkpoint only understands features from the extractor it was trained on."""
+    want = meta.get("features", {})
+    if want.get("feature_dim") != store.feature_dim:
+        raise VlpError(f"checkpoint {checkpoint} expects {want.get('feature_dim')}-d features, "
+                       f"{store.path} holds {store.feature_dim}-d ones")
+    if want.get("fingerprint") != store.fingerprint:
+        raise VlpError(
+            f"checkpoint {checkpoint} was trained on features from extractor "
+            f"{want.get('extractor', {}).get('name')} ({want.get('fingerprint')}); {store.path} "
+            f"holds {store.fingerprint}: extract features with the same configuration")
+
+
+def features_meta(store: FeatureStore) -> dict:
+    """What a checkpoint records about its features, so later stages can match or refuse."""
+    return {"fingerprint": store.fingerprint, "feature_dim": store.feature_dim,
+            "extractor": store.meta.get("extractor"), "labels": store.labels}
+
+
+def checkpoint_recipe(checkpoint: Path, recipe: Path | None, overrides: list[str]) -> Recipe:
+    """The recipe a fine-tuning or evaluation run uses: the given file, else the checkpoint's."""
+    if recipe is not None:
+        return load_recipe(recipe, overrides)
+    stored = Path(checkpoint) / "recipe.yaml"
+    base = load_recipe_data(stored) if stored.is_file() else {}
+    return load_recipe(None, overrides, base=base)
+
+
+def prepare_out(out: Path, resume: bool) -> None:
+    """A training output directory is new, or resumed on purpose."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        what = "a checkpoint" if is_checkpoint(out) else "files"
+        raise VlpError(f"{out} already holds {what}: pass --resume to continue that run, or "
+                       "choose a new --out (nothing was changed)")
+    out.mkdir(parents=True, exist_ok=True)
