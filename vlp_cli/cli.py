@@ -89,24 +89,42 @@ def extract_features(
     out: Out,
     boxes: Annotated[Optional[Path], typer.Option(help="JSONL of given boxes per image: "
                      '{"image": key, "boxes": [[x1,y1,x2,y2],...], "labels": [...]}.')] = None,
+    detector_cfg: Annotated[Optional[Path], typer.Option(help="A Darknet-format detector "
+                            "cfg (instead of the embedded YOLOv3-tiny).")] = None,
+    detector_weights: Annotated[Optional[Path], typer.Option(help="Its .weights file.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Its class names, one per line.")]
+    = None,
+    draw: Annotated[Optional[Path], typer.Option(help="Also write each image with its boxes "
+                    "and tags drawn into this folder.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
     strict: Annotated[bool, typer.Option(help="Exit non-zero if any image fails.")] = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Images -> region features, boxes and object tags (an LMDB feature store).
 
-    Keys are image paths relative to the folder. Rerunning into the same --out resumes.
+    Boxes and tags come from the embedded YOLOv3-tiny (COCO) unless --boxes or another
+    detector is given; every box above a low threshold is kept and recipes choose at read
+    time. Keys are image paths relative to the folder. Rerunning into the same --out resumes;
+    under `accelerate launch` each process writes one shard.
 
     Examples:
 
-        vlp extract-features photos/ --out feats/
+        vlp extract-features photos/ --out feats/ --draw drawn/
 
         vlp extract-features easy-vqa --out feats/ --recipe recipes/tiny.yaml
+
+        accelerate launch --num_processes 4 -m vlp_cli extract-features photos/ -o feats/
     """
     _setup(verbose)
     from vlp_cli.stages import extract
 
-    extract.run(images, out, _recipe(recipe, sets), boxes=boxes, limit=limit, strict=strict)
+    extra = list(sets or [])
+    if detector_cfg or detector_weights or labels:
+        extra += ["extract.detector=darknet", f"extract.detector_cfg={detector_cfg or ''}",
+                  f"extract.detector_weights={detector_weights or ''}",
+                  f"extract.detector_labels={labels or ''}"]
+    extract.run(images, out, _recipe(recipe, extra), boxes=boxes, limit=limit, strict=strict,
+                draw=draw)
 
 
 @app.command("build-corpus")
@@ -131,6 +149,67 @@ def build_corpus(
     from vlp_cli.stages import corpus
 
     corpus.run(sources, features, out, _recipe(recipe, sets), skip_missing=skip_missing)
+
+
+@app.command("import-features")
+@_friendly
+def import_features(
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="oscar | vinvl | uniter-npz | "
+                                                              "uniter-lmdb")],
+    src: Annotated[Path, typer.Argument(help="Oscar's features.tsv (or its folder), VinVL's "
+                   "predictions.tsv, a folder of UNITER .npz files, or a UNITER image LMDB "
+                   "(or the img_db folder holding one).")],
+    out: Out,
+    labels: Annotated[Optional[Path], typer.Option(help="Class names, one per line (e.g. "
+                      "Visual Genome's objects_vocab.txt): the tag vocabulary. UNITER: names "
+                      "the soft_labels columns (else numeric names).")] = None,
+    tags: Annotated[Optional[Path], typer.Option(help="Oscar: the tags TSV (default: "
+                    "predictions.tsv, label.tsv or predictions_gt.tsv beside features.tsv).")]
+    = None,
+    hw: Annotated[Optional[Path], typer.Option(help="Image sizes, rows `key <TAB> "
+                  '[{"height": h, "width": w}]` (a VinVL hw.tsv). VinVL needs it; Oscar and '
+                  "UNITER use it to store pixel boxes.")] = None,
+    feature_dim: Annotated[Optional[int], typer.Option(help="Expected feature width "
+                           "(default: the first image's).")] = None,
+    verbose: Verbose = False,
+) -> None:
+    """Oscar / VinVL / UNITER region features -> a new feature store (keys keep their ids).
+
+    The store records that vlp's extractor cannot reproduce these features from raw images.
+
+    Examples:
+
+        vlp import-features oscar datasets/coco_ir/ --out feats/
+
+        vlp import-features uniter-lmdb img_db/coco_val2014/ --labels objects_vocab.txt -o feats/
+    """
+    _setup(verbose)
+    from vlp_cli.stages import convert
+
+    convert.import_features(fmt, src, out, labels=labels, tags=tags, hw=hw,
+                            feature_dim=feature_dim)
+
+
+@app.command("export-features")
+@_friendly
+def export_features(
+    store: Annotated[Path, typer.Argument(help="A feature store directory.")],
+    out: Out,
+    fmt: Annotated[str, typer.Option("--format", help="oscar-tsv: features.tsv, "
+                   "features.lineidx, imageid2idx.json and predictions.tsv (tags).")]
+    = "oscar-tsv",
+    verbose: Verbose = False,
+) -> None:
+    """A feature store -> Oscar's files, for Oscar's own code (--img_feature_dim = dim + 6).
+
+    Example:
+
+        vlp export-features feats/ --format oscar-tsv --out coco_ir_feats/
+    """
+    _setup(verbose)
+    from vlp_cli.stages import convert
+
+    convert.export_features(store, fmt, out)
 
 
 @app.command()

@@ -49,7 +49,20 @@ class ExtractCfg:
     min_size: int = 224  # shorter image side fed to the backbone
     max_size: int = 640  # cap on the longer side, bounds memory on huge images
     roi_output: int = 3  # RoIAlign grid per box, averaged into one vector
-    fallback_grid: int = 3  # no --boxes: the whole image plus a grid x grid of cells
+    # Boxes and tags: "yolov3-tiny" (embedded COCO detector), "darknet" (detector_cfg,
+    # detector_weights, detector_labels), or "grid" (whole image plus grid x grid cells, no
+    # tags). --boxes FILE overrides all three.
+    detector: Literal["yolov3-tiny", "darknet", "grid"] = "yolov3-tiny"
+    detector_cfg: str = ""
+    detector_weights: str = ""
+    detector_labels: str = ""
+    detector_input: int = 0  # network input side; 0 = the cfg's width
+    # Every box above this low threshold is kept; recipes choose at read time (data.conf_th,
+    # min_boxes, max_boxes), so one extraction serves every recipe.
+    keep_conf_th: float = 0.05
+    nms_iou: float = 0.45
+    max_detections: int = 100
+    fallback_grid: int = 3
     batch_size: int = 32
     num_workers: int = 0
     commit_every: int = 256  # records per LMDB write transaction

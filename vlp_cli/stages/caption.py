@@ -10,7 +10,7 @@ import numpy as np
 
 from vlp_cli import VlpError
 from vlp_cli.checkpoint import load_checkpoint, quiet_transformers
-from vlp_cli.config import ExtractCfg, Recipe
+from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import CaptionDataset
 from vlp_cli.data.examples import ExampleBuilder, ImageInput
 from vlp_cli.decoding import greedy_captions
@@ -25,37 +25,18 @@ logger = logging.getLogger(__name__)
 def regions_from_images(images: Path, boxes: Path | None, meta: dict, builder: ExampleBuilder,
                         limit: int | None) -> tuple[list[str], list[ImageInput]]:
     """Extract features from raw images exactly as the checkpoint's feature store was made."""
-    from vlp_cli.extractors.backbone import load_backbone
     from vlp_cli.extractors.images import list_images, read_boxes_jsonl
+    from vlp_cli.extractors.pipeline import Extractor
     from vlp_cli.stages.extract import extract_batches
 
-    ext = meta["features"].get("extractor") or {}
-    if not ext.get("name", "").startswith("vlp-roi/"):
-        raise VlpError(f"the checkpoint's features came from {ext.get('name')!r}, which vlp "
-                       "cannot reproduce from raw images: pass --features instead")
-    if ext.get("boxes", {}).get("source") == "given" and boxes is None:
-        raise VlpError("the checkpoint was trained on features of given boxes: pass --boxes "
-                       "FILE.jsonl for these images (or --features)")
-    backbone = load_backbone(ext["backbone"]["name"])
-    if backbone.info.weights_sha256 != ext["backbone"].get("weights_sha256"):
-        raise VlpError("the installed backbone weights differ from the ones the checkpoint's "
-                       "features were extracted with")
-    cfg = ExtractCfg(backbone=ext["backbone"]["name"], **ext["config"],
-                     fallback_grid=ext.get("boxes", {}).get("grid", 3))
-    labels = meta["features"].get("labels", [])
     given = read_boxes_jsonl(boxes) if boxes is not None else None
-    if given is not None:
-        unknown = sorted(set(given.labels) - set(labels))
-        if unknown:
-            raise VlpError(f"{boxes}: labels {unknown[:5]} are not in the checkpoint's tag "
-                           "vocabulary")
-    label_ids = {x: i for i, x in enumerate(labels)}
+    extractor = Extractor.from_meta(meta["features"], given)
     files = list_images(images)[:limit]
     keys: list[str] = []
     out: list[ImageInput] = []
     d = builder.cfg
-    for batch in extract_batches(files, cfg, backbone, given, label_ids):
-        for key, r, error in batch:
+    for batch in extract_batches(files, extractor, extractor.cfg.batch_size, 0):
+        for key, r, error, _ in batch:
             if r is None:
                 logger.warning("skipped %s: %s", key, error)
                 continue

@@ -112,7 +112,6 @@ class Corpus:
         self.meta: dict = meta
         raw = self._reader.meta_bytes("lengths") or b""
         self.lengths = np.frombuffer(raw, np.int32).copy()
-        self._reader.close()
 
     def __len__(self) -> int:
         return int(self.meta["examples"])

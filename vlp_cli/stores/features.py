@@ -25,6 +25,7 @@ import json
 import struct
 import time
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,80 +171,155 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+MANIFEST = "manifest.json"
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}"
+
+
+def store_parts(path: Path) -> list[Path]:
+    """The LMDB directories that make up a store: itself, its shard folders, or a manifest's.
+
+    A data-parallel extraction writes one shard per process under the output folder; every
+    reader takes the folder (or a `manifest.json` listing store paths) as one store.
+    """
+    path = Path(path)
+    if is_lmdb_dir(path):
+        return [path]
+    if path.is_file() and path.name.endswith(".json"):
+        manifest = path
+    else:
+        manifest = path / MANIFEST
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text(encoding="utf-8"))["stores"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise VlpError(f"{manifest}: expected {{\"stores\": [paths...]}}")
+        parts = [(manifest.parent / p).resolve() for p in listed]
+        bad = [p for p in parts if not is_lmdb_dir(p)]
+        if bad:
+            raise VlpError(f"{manifest} lists {bad[0]}, which is not a feature store")
+        return parts
+    if path.is_dir():
+        shards = sorted(p for p in path.glob("shard-*") if is_lmdb_dir(p))
+        if shards:
+            return shards
+    return []
+
+
 class FeatureStore:
-    """Read-only access to a feature store; opens lazily in each process."""
+    """Read-only access to a feature store (one LMDB, or shards read as one).
+
+    Environments open lazily in each process, read-only and without locks.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
             raise VlpError(f"feature store {self.path} does not exist: run `vlp extract-features`")
-        if not is_lmdb_dir(self.path):
-            raise VlpError(f"{self.path} is not a feature store (no data.mdb): "
-                           "pass the folder `vlp extract-features --out` wrote")
-        self._reader = LazyReader(self.path)
-        meta = self._reader.meta("store")
-        if not meta or meta.get("schema") != SCHEMA:
-            raise VlpError(f"{self.path} is not a vlp feature store (schema "
-                           f"{(meta or {}).get('schema')!r})")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise VlpError(f"{self.path}: feature store schema version "
-                           f"{meta.get('schema_version')}, this vlp reads {SCHEMA_VERSION}; "
-                           "re-extract the features with this version of vlp")
-        self.meta: dict = meta
-        self.labels: list[str] = list(meta.get("labels", []))
-        self.feature_dim: int = int(meta["feature_dim"])
-        self.fingerprint: str = str(meta["fingerprint"])
-        self._reader.close()  # reopened lazily in whichever process reads
+        parts = store_parts(self.path)
+        if not parts:
+            raise VlpError(f"{self.path} is not a feature store (no data.mdb, shard-* folders or "
+                           "manifest.json): pass the folder `vlp extract-features --out` wrote")
+        self._readers = [LazyReader(p) for p in parts]
+        metas = [r.meta("store") for r in self._readers]
+        for p, meta in zip(parts, metas):
+            if not meta or meta.get("schema") != SCHEMA:
+                raise VlpError(f"{p} is not a vlp feature store (schema "
+                               f"{(meta or {}).get('schema')!r})")
+            if meta.get("schema_version") != SCHEMA_VERSION:
+                raise VlpError(f"{p}: feature store schema version "
+                               f"{meta.get('schema_version')}, this vlp reads {SCHEMA_VERSION}; "
+                               "re-extract the features with this version of vlp")
+            for field in ("fingerprint", "feature_dim", "labels"):
+                if meta.get(field) != metas[0].get(field):
+                    raise VlpError(f"{p} differs from {parts[0]} in its {field}: shards of one "
+                                   "store must come from the same extractor")
+        self.meta: dict = dict(metas[0])
+        self.meta["shards"] = len(parts)
+        self.labels: list[str] = list(self.meta.get("labels", []))
+        self.feature_dim: int = int(self.meta["feature_dim"])
+        self.fingerprint: str = str(self.meta["fingerprint"])
+
+    def close(self) -> None:
+        """Close this process's LMDB handles (they reopen on the next read)."""
+        for r in self._readers:
+            r.close()
 
     def __len__(self) -> int:
-        return self._reader.count()
+        return sum(r.count() for r in self._readers)
 
     def __contains__(self, key: str) -> bool:
-        return self._reader.get(key.encode()) is not None
+        k = key.encode()
+        return any(r.get(k) is not None for r in self._readers)
 
     def keys(self) -> list[str]:
-        return [bytes(k).decode() for k in self._reader.keys()]
+        if len(self._readers) == 1:
+            return [bytes(k).decode() for k in self._readers[0].keys()]
+        seen: dict[str, None] = {}
+        for r in self._readers:
+            seen.update((bytes(k).decode(), None) for k in r.keys())
+        return list(seen)
+
+    def _read(self, key: str, fn: Any) -> Any:
+        k = key.encode()
+        for r in self._readers:
+            with r.begin() as txn:
+                buf = txn.get(k)
+                if buf is not None:
+                    return fn(buf)
+        raise KeyError(key)
 
     def get(self, key: str, limit: int | None = None) -> Regions:
         """All regions of one image (or the `limit` most confident)."""
-        with self._reader.begin() as txn:
-            buf = txn.get(key.encode())
-            if buf is None:
-                raise KeyError(key)
-            return decode_regions(buf, limit=limit)
+        return self._read(key, lambda buf: decode_regions(buf, limit=limit))
 
     def get_selected(self, key: str, conf_th: float, min_boxes: int, max_boxes: int) -> Regions:
         """The regions kept by the read-time policy; only their bytes are copied."""
-        with self._reader.begin() as txn:
-            buf = txn.get(key.encode())
-            if buf is None:
-                raise KeyError(key)
+
+        def pick(buf: Any) -> Regions:
             head = decode_regions(buf, copy=False)
             n = select_count(head.confidences, conf_th, min_boxes, max_boxes)
             return decode_regions(buf, limit=n)
 
+        return self._read(key, pick)
+
+    def records(self) -> Iterator[tuple[str, Regions]]:
+        """Every (key, regions) in storage order (no copies kept: stream, don't hold)."""
+        for r in self._readers:
+            with r.begin() as txn:
+                for k, buf in txn.cursor():
+                    yield bytes(k).decode(), decode_regions(buf)
+
     def describe(self) -> dict:
-        """Counts, dims and provenance, for `vlp inspect`."""
+        """Counts, dims, provenance, boxes per image and the most frequent tags."""
         counts = []
         tags: dict[int, int] = {}
-        with self._reader.begin() as txn:
-            for _, buf in txn.cursor():
-                r = decode_regions(buf, copy=False)
-                counts.append(len(r))
-                for c in r.class_ids[r.class_ids >= 0].tolist():
-                    tags[c] = tags.get(c, 0) + 1
+        for r in self._readers:
+            with r.begin() as txn:
+                for _, buf in txn.cursor():
+                    reg = decode_regions(buf, copy=False)
+                    counts.append(len(reg))
+                    for c in reg.class_ids[reg.class_ids >= 0].tolist():
+                        tags[c] = tags.get(c, 0) + 1
         arr = np.asarray(counts or [0])
-        top = sorted(tags.items(), key=lambda kv: -kv[1])[:10]
+        edges = [0, 1, 2, 5, 10, 20, 50, 100, 1 << 30]
+        hist = {(f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}" if hi < 1 << 30 else f">={lo}"):
+                int(((arr >= lo) & (arr < hi)).sum()) for lo, hi in zip(edges, edges[1:])}
+        top = sorted(tags.items(), key=lambda kv: -kv[1])[:15]
         return {
             "kind": "feature store",
             "path": str(self.path),
             "images": len(counts),
+            "shards": len(self._readers),
             "feature_dim": self.feature_dim,
             "boxes_per_image": {"min": int(arr.min()), "mean": round(float(arr.mean()), 2),
-                                "max": int(arr.max())},
+                                "max": int(arr.max()), "histogram": hist},
             "top_tags": {self.labels[c] if 0 <= c < len(self.labels) else str(c): n
                          for c, n in top},
-            "meta": self.meta,
+            "meta": {k: v for k, v in self.meta.items() if k != "labels"}
+            | {"labels": f"{len(self.labels)} labels"},
         }
 
 

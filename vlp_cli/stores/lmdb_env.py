@@ -27,42 +27,40 @@ def is_lmdb_dir(path: Path) -> bool:
     return (Path(path) / "data.mdb").is_file()
 
 
+# One read-only environment per (store, process): py-lmdb refuses a second handle on the same
+# environment in one process, and several readers of one store are common (a stage and its
+# checks, a test and the code under test).
+_OPEN: dict[tuple[str, int], tuple[lmdb.Environment, Any, Any]] = {}
+
+
 class LazyReader:
-    """A read-only LMDB environment opened on first use in each process."""
+    """A read-only LMDB environment opened on first use in each process, shared by readers."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not is_lmdb_dir(self.path):
             raise VlpError(f"{self.path} is not a vlp store (no data.mdb inside)")
-        self._env: lmdb.Environment | None = None
-        self._pid = -1
-        self._data = None
-        self._meta = None
+        self._id = str(self.path.resolve())
 
-    def __getstate__(self) -> dict:
-        # Pickled into DataLoader workers (our own objects, never user data): drop the handle.
-        state = self.__dict__.copy()
-        state.update(_env=None, _pid=-1, _data=None, _meta=None)
-        return state
-
-    def _open(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            return
-        self._env = lmdb.open(
-            str(self.path), readonly=True, lock=False, readahead=False, meminit=False,
-            max_dbs=4, subdir=True, max_readers=2048,
-        )
-        self._data = self._env.open_db(DATA_DB, create=False)
-        self._meta = self._env.open_db(META_DB, create=False)
-        self._pid = os.getpid()
+    def _handles(self) -> tuple[lmdb.Environment, Any, Any]:
+        key = (self._id, os.getpid())
+        found = _OPEN.get(key)
+        if found is None:
+            env = lmdb.open(
+                self._id, readonly=True, lock=False, readahead=False, meminit=False,
+                max_dbs=4, subdir=True, max_readers=2048,
+            )
+            found = (env, env.open_db(DATA_DB, create=False), env.open_db(META_DB, create=False))
+            _OPEN[key] = found
+        return found
 
     def begin(self) -> lmdb.Transaction:
-        self._open()
-        return self._env.begin(db=self._data, buffers=True)  # type: ignore[union-attr]
+        env, data, _ = self._handles()
+        return env.begin(db=data, buffers=True)
 
     def get(self, key: bytes) -> bytes | None:
-        self._open()
-        with self._env.begin(db=self._data) as txn:  # type: ignore[union-attr]
+        env, data, _ = self._handles()
+        with env.begin(db=data) as txn:
             return txn.get(key)
 
     def meta(self, name: str) -> Any:
@@ -70,24 +68,25 @@ class LazyReader:
         return None if raw is None else json.loads(raw)
 
     def meta_bytes(self, name: str) -> bytes | None:
-        self._open()
-        with self._env.begin(db=self._meta) as txn:  # type: ignore[union-attr]
+        env, _, meta = self._handles()
+        with env.begin(db=meta) as txn:
             return txn.get(name.encode())
 
     def keys(self) -> list[bytes]:
-        self._open()
-        with self._env.begin(db=self._data) as txn:  # type: ignore[union-attr]
+        env, data, _ = self._handles()
+        with env.begin(db=data) as txn:
             return list(txn.cursor().iternext(keys=True, values=False))
 
     def count(self) -> int:
-        self._open()
-        with self._env.begin(db=self._data) as txn:  # type: ignore[union-attr]
-            return txn.stat(self._data)["entries"]
+        env, data, _ = self._handles()
+        with env.begin(db=data) as txn:
+            return txn.stat(data)["entries"]
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            self._env.close()
-        self._env = None
+        """Close this process's handle (every reader of the store reopens on next use)."""
+        found = _OPEN.pop((self._id, os.getpid()), None)
+        if found is not None:
+            found[0].close()
 
 
 class Writer:
@@ -96,6 +95,8 @@ class Writer:
     def __init__(self, path: str | Path, commit_every: int = 256):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        if is_lmdb_dir(self.path):
+            LazyReader(self.path).close()  # a reader's handle here would block this one
         self.env = lmdb.open(
             str(self.path), map_size=_INITIAL_MAP, max_dbs=4, subdir=True, readahead=False,
             meminit=False,
