@@ -95,7 +95,12 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
     if not files:
         raise VlpError(f"no images (.jpg, .jpeg, .png, .webp, .bmp) under {root}")
     rank, world = _rank()
-    target = out if world == 1 else out / shard_name(rank, world)
+    # A folder that already holds shards stays sharded, whatever the process count now.
+    sharded = world > 1 or (out.is_dir() and any(out.glob("shard-*")))
+    if sharded and (out / "data.mdb").is_file():
+        raise VlpError(f"{out} holds a single-process store: extend it with one process, or "
+                       "choose a new --out for a multi-process run")
+    target = out / shard_name(rank, world) if sharded else out
     files = files[rank::world]
     given = read_boxes_jsonl(boxes) if boxes is not None else None
     if given is not None:
@@ -105,7 +110,7 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
                            "region only", missing, len(files), boxes)
     extractor = Extractor(cfg, given)
     meta = {**extractor.meta(), "source": str(root)}
-    skip = _existing_keys(out, target) if world > 1 else set()
+    skip = _existing_keys(out, target) if sharded else set()
     writer = FeatureStoreWriter(target, meta, commit_every=cfg.commit_every)
     if derived is not None:
         shutil.move(str(derived), target / derived.name)
