@@ -139,3 +139,17 @@ def test_user_errors_are_one_line(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "does not exist" in res.output
     assert not (tmp_path / "c").exists()
     assert len(vlp("validate", "recipes/tiny.yaml").splitlines()) > 20
+
+
+def test_missing_image_key_is_reported_with_its_line(tiny_data: dict, tmp_path: Path) -> None:
+    src = tmp_path / "caps.jsonl"
+    src.write_text('{"image": "img/0.png", "caption": "a thing"}\n'
+                   '{"image": "img/404.png", "caption": "gone"}\n')
+    res = runner.invoke(app, ["build-corpus", str(src), "-f", str(tiny_data["features"]),
+                              "-o", str(tmp_path / "c")])
+    assert res.exit_code == 1
+    assert f"{src} line 2" in res.output and "img/404.png" in res.output
+    assert "--skip-missing" in res.output and not (tmp_path / "c").exists()
+    vlp("build-corpus", src, "-f", tiny_data["features"], "-o", tmp_path / "c",
+        "--skip-missing")
+    assert json.loads(vlp("inspect", tmp_path / "c", "--json"))["examples"] == 1

@@ -20,7 +20,14 @@ app = typer.Typer(
     name="vlp",
     help="Vision-language pre-training (Oscar, UNITER): images -> features -> corpus -> "
          "pre-trained and fine-tuned checkpoints -> metrics and captions.\n\n"
-         "Quick start on the embedded easy-VQA data: `make demo`.",
+         "Examples (the whole chain; `make demo` runs it on the embedded easy-VQA data):\n\n"
+         "    vlp extract-features photos/ -o feats/\n\n"
+         "    vlp build-corpus train=caps.jsonl test=caps_test.jsonl -f feats/ -o corpus/\n\n"
+         "    vlp pretrain recipes/tiny.yaml -c corpus/ -f feats/ -o ckpt/\n\n"
+         "    vlp finetune vqa -k ckpt/ -c corpus/ -f feats/ -o ckpt-vqa/\n\n"
+         "    vlp evaluate vqa -k ckpt-vqa/ -c corpus/ -f feats/\n\n"
+         "    vlp caption -k ckpt-cap/ --images photos/ -o captions.jsonl\n\n"
+         "`vlp COMMAND --help` for each command's options and examples.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",

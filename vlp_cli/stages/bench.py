@@ -47,9 +47,24 @@ def _small_easy_vqa(tmp: Path, images: int) -> tuple[Path, Path, object]:
     from vlp_cli.config import load_recipe
     from vlp_cli.stages import corpus, extract
 
+    import shutil
+
+    from vlp_cli.assets import easy_vqa_root
+
     recipe = load_recipe("tiny")
     feats, corp = tmp / "features", tmp / "corpus"
-    extract.run("easy-vqa", feats, recipe, limit=images)
+    # Same keys as the full data set (train/images/N.png), so the easy-vqa corpus source
+    # finds them; the rest of its examples are skipped.
+    src = easy_vqa_root() / "train" / "images"
+    (tmp / "images" / "train" / "images").mkdir(parents=True)
+    for i in range(images):
+        shutil.copy(src / f"{i}.png", tmp / "images" / "train" / "images" / f"{i}.png")
+    boxes = tmp / "boxes.jsonl"
+    from vlp_cli.data import easyvqa
+
+    anns = [a for a in easyvqa.derive_annotations("train") if a.image_id < images]
+    easyvqa.write_boxes_jsonl(anns, boxes)
+    extract.run(str(tmp / "images"), feats, recipe, boxes=boxes)
     corpus.run(["easy-vqa"], feats, corp, recipe, skip_missing=True)
     return feats, corp, recipe
 

@@ -65,6 +65,12 @@ def features_meta(store: FeatureStore) -> dict:
             "extractor": store.meta.get("extractor"), "labels": store.labels}
 
 
+def corpus_meta(corpus: Corpus) -> dict:
+    """What a checkpoint records about the corpus it was trained on."""
+    return {"path": str(corpus.path.resolve()), "sources": corpus.meta.get("sources"),
+            "fingerprint": corpus.meta.get("fingerprint")}
+
+
 def checkpoint_recipe(checkpoint: Path, recipe: Path | None, overrides: list[str]) -> Recipe:
     """The recipe a fine-tuning or evaluation run uses: the given file, else the checkpoint's."""
     if recipe is not None:

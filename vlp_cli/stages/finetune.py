@@ -13,6 +13,7 @@ from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.stages.common import (
     check_features,
     check_tokenizer,
+    corpus_meta,
     features_meta,
     open_inputs,
     prepare_out,
@@ -42,7 +43,7 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, out: Path, re
     builder = ExampleBuilder(tok, store, recipe.data)
     seed = recipe.seed
     meta = {"task": task, "init": str(Path(checkpoint).resolve()),
-            "corpus": {"path": str(Path(corpus).resolve()), "sources": c.meta.get("sources")},
+            "corpus": corpus_meta(c),
             "features": features_meta(store)}
     collate = Collator(builder.pad_id)
 

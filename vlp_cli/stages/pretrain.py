@@ -12,7 +12,13 @@ from vlp_cli.checkpoint import load_tokenizer, quiet_transformers, save_checkpoi
 from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import Collator, PretrainDataset
 from vlp_cli.data.examples import ExampleBuilder
-from vlp_cli.stages.common import check_tokenizer, features_meta, open_inputs, prepare_out
+from vlp_cli.stages.common import (
+    check_tokenizer,
+    corpus_meta,
+    features_meta,
+    open_inputs,
+    prepare_out,
+)
 from vlp_cli.tasks import pretrain_step
 from vlp_cli.training import train
 
@@ -49,8 +55,7 @@ def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = 
     train_ds = PretrainDataset(c, builder, train_idx, cfg, recipe.data.max_text_len, recipe.seed)
     val_ds = PretrainDataset(c, builder, val_idx, cfg, recipe.data.max_text_len, recipe.seed + 1)
     meta = {"task": "pretrain", "objectives": ["mlm", f"contrastive-{n_cls}way"],
-            "init": recipe.model.init, "corpus": {"path": str(Path(corpus).resolve()),
-                                                  "sources": c.meta.get("sources")},
+            "init": recipe.model.init, "corpus": corpus_meta(c),
             "features": features_meta(store)}
 
     def save(model: object, step: int) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from vlp_cli import VlpError, __version__
+from vlp_cli.stores.features import fingerprint
 from vlp_cli.stores.lmdb_env import LazyReader, Writer, is_lmdb_dir
 
 SCHEMA = "vlp.corpus"
@@ -83,6 +84,10 @@ class CorpusWriter:
     def close(self, **extra: Any) -> dict:
         counts = {f"{k}/{s}": len(v) for (k, s), v in sorted(self._index.items())}
         self.meta.update(extra, examples=self._n, counts=counts)
+        # Identifies this corpus in the checkpoints trained on it.
+        self.meta["fingerprint"] = fingerprint(
+            {k: self.meta.get(k) for k in ("created", "examples", "counts", "sources",
+                                           "tokenizer", "features")})
         self._w.put_meta("lengths", np.asarray(self._lengths, np.int32).tobytes(), raw=True)
         for (kind, split), idx in self._index.items():
             self._w.put_meta(f"index/{kind}/{split}", np.asarray(idx, np.int32).tobytes(),
