@@ -34,7 +34,6 @@ def make_regions(rng: np.random.Generator, k: int, dim: int, with_probs: bool = 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A 24-image feature store (16-d features) and a corpus of captions and questions."""
-    from vlp_cli.config import load_recipe
     from vlp_cli.stages import corpus
     from vlp_cli.stores.features import FeatureStoreWriter
 

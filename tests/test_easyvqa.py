@@ -70,8 +70,8 @@ def test_agrees_with_questions(
 @needs_easy_vqa
 def test_keys_boxes_and_captions(derived: dict[str, list[ShapeAnnotation]]) -> None:
     root = easyvqa.data_root()
-    for split, annotations in derived.items():
-        for a in annotations:
+    for split, anns in derived.items():
+        for a in anns:
             assert a.split == split
             assert a.key == f"{split}/images/{a.image_id}.png"
             assert a.width == 64 and a.height == 64
@@ -81,20 +81,20 @@ def test_keys_boxes_and_captions(derived: dict[str, list[ShapeAnnotation]]) -> N
             assert 7 <= x2 - x1 <= 34 and 7 <= y2 - y1 <= 34, a
             assert a.color in EASYVQA_COLORS and a.shape in EASYVQA_SHAPES
             assert a.caption.startswith(f"a {a.size} {a.color} {a.shape} ")
-        assert (root / annotations[0].key).is_file()
+        assert (root / anns[0].key).is_file()
 
 
 @needs_easy_vqa
 def test_sizes_and_positions_spread(derived: dict[str, list[ShapeAnnotation]]) -> None:
-    for split, annotations in derived.items():
-        sizes = Counter(a.size for a in annotations)
-        positions = Counter(a.position for a in annotations)
+    for split, anns in derived.items():
+        sizes = Counter(a.size for a in anns)
+        positions = Counter(a.position for a in anns)
         message = f"{split}: sizes {dict(sizes)}, positions {dict(positions)}"
         # Thresholds are the train terciles, so each class holds about a third.
         for size in ("small", "medium", "large"):
-            assert sizes[size] >= 0.25 * len(annotations), message
+            assert sizes[size] >= 0.25 * len(anns), message
         assert set(positions) == set(POSITIONS), message
-        assert min(positions.values()) >= 0.03 * len(annotations), message
+        assert min(positions.values()) >= 0.03 * len(anns), message
 
 
 @needs_easy_vqa

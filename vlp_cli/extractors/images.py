@@ -403,30 +403,13 @@ def read_boxes_jsonl(path: Path) -> GivenBoxes:
     line and the field.
     """
     import hashlib
-    import json
+
+    from vlp_cli.data.jsonl import iter_jsonl
 
     path = Path(path)
-    if not path.is_file():
-        raise VlpError(f"boxes file {path} not found")
-    raw = path.read_bytes()
     out: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
     vocab: set[str] = set()
-    # Split the bytes, not the decoded text: str.splitlines also breaks at U+2028, U+0085 and
-    # other characters that JSON strings may hold unescaped.
-    for n, blob in enumerate(raw.splitlines(), 1):
-        where = f"{path} line {n}"
-        try:
-            line = blob.decode("utf-8-sig" if n == 1 else "utf-8")  # tolerate a BOM
-        except UnicodeDecodeError:
-            raise VlpError(f"{where}: not UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise VlpError(f"{where}: not valid JSON ({exc.msg})")
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            raise VlpError(f"{where}: needs an 'image' field with the image key (a string)")
+    for where, rec in iter_jsonl(path, "boxes file"):
         boxes, labels = rec.get("boxes"), rec.get("labels")
         if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) != len(labels):
             raise VlpError(f"{where}: 'boxes' and 'labels' must be lists of the same length")
@@ -452,4 +435,4 @@ def read_boxes_jsonl(path: Path) -> GivenBoxes:
         vocab.update(labels)
     if not out:
         raise VlpError(f"boxes file {path} holds no records")
-    return GivenBoxes(out, sorted(vocab), hashlib.sha256(raw).hexdigest()[:16])
+    return GivenBoxes(out, sorted(vocab), hashlib.sha256(path.read_bytes()).hexdigest()[:16])

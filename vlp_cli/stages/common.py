@@ -35,6 +35,28 @@ def open_inputs(corpus: Path, features: Path) -> Inputs:
     return Inputs(c, f)
 
 
+@dataclass
+class Opened:
+    """A checkpoint and the corpus and features it is about to be used with, checked."""
+
+    model: Any
+    tokenizer: Any
+    meta: dict
+    corpus: Corpus
+    features: FeatureStore
+
+
+def open_checkpoint_inputs(checkpoint: Path, corpus: Path, features: Path) -> Opened:
+    """Load a checkpoint and open its inputs, refusing any that do not match it."""
+    from vlp_cli.checkpoint import load_checkpoint
+
+    inputs = open_inputs(corpus, features)
+    model, tok, meta = load_checkpoint(checkpoint)
+    check_tokenizer(tok, inputs.corpus, f"checkpoint {checkpoint}")
+    check_features(meta, inputs.features, checkpoint)
+    return Opened(model, tok, meta, inputs.corpus, inputs.features)
+
+
 def check_tokenizer(tok: Any, corpus: Corpus, where: str) -> None:
     """The model's vocabulary must be the one the corpus was tokenised with."""
     have = tokenizer_identity(tok)["vocab_sha"]

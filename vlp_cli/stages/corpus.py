@@ -12,6 +12,7 @@ from vlp_cli import VlpError
 from vlp_cli.checkpoint import load_tokenizer, tokenizer_identity
 from vlp_cli.config import CorpusCfg, Recipe, save_recipe
 from vlp_cli.console import progress
+from vlp_cli.data.jsonl import iter_jsonl
 from vlp_cli.stores.corpus import SPLITS, CorpusWriter
 from vlp_cli.stores.features import FeatureStore
 
@@ -60,16 +61,7 @@ def jsonl_examples(spec: str) -> list[dict]:
     if not path.is_file():
         raise VlpError(f"source {spec!r}: not 'easy-vqa' and not an existing JSONL file")
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise VlpError(f"{where}: not valid JSON ({exc.msg})")
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            raise VlpError(f"{where}: needs an 'image' field (the feature-store key)")
+    for where, rec in iter_jsonl(path, "source"):
         s = rec.get("split", split or "train")
         if s not in SPLITS:
             raise VlpError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {s!r}")
@@ -84,7 +76,8 @@ def jsonl_examples(spec: str) -> list[dict]:
                 raise VlpError(f"{where}: 'answers' must be a list of strings "
                                "(ten for VQA v2, one for single-answer sets)")
             out.append({**base, "kind": "vqa", "text": rec["question"].strip(),
-                        "answers": answers, "qid": rec.get("question_id", f"{path.stem}-{n}")})
+                        "answers": answers,
+                        "qid": rec.get("question_id", f"{path.stem}-{where.rsplit(' ', 1)[-1]}")})
         else:
             raise VlpError(f"{where}: needs a non-empty 'caption' or 'question' field")
     return out

@@ -12,13 +12,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlp_cli import VlpError
-from vlp_cli.checkpoint import load_checkpoint, quiet_transformers
+from vlp_cli.checkpoint import quiet_transformers
 from vlp_cli.config import Recipe
 from vlp_cli.console import progress
 from vlp_cli.data.datasets import CaptionDataset, Collator, RetrievalTrainDataset, VqaDataset
 from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.decoding import greedy_captions
-from vlp_cli.stages.common import check_features, check_tokenizer, open_inputs
+from vlp_cli.stages.common import open_checkpoint_inputs
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.tasks import encode
 
@@ -151,11 +151,8 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, recipe: Recip
     if task not in TASKS:
         raise VlpError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     quiet_transformers()
-    inputs = open_inputs(corpus, features)
-    c, store = inputs.corpus, inputs.features
-    model, tok, meta = load_checkpoint(checkpoint)
-    check_tokenizer(tok, c, f"checkpoint {checkpoint}")
-    check_features(meta, store, checkpoint)
+    o = open_checkpoint_inputs(checkpoint, corpus, features)
+    model, tok, meta, c, store = o.model, o.tokenizer, o.meta, o.corpus, o.features
     if meta.get("task") != task:
         raise VlpError(f"checkpoint {checkpoint} is a '{meta.get('task')}' checkpoint, not "
                        f"'{task}': run `vlp finetune {task}` on it first")

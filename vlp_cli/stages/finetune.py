@@ -6,16 +6,14 @@ import logging
 from pathlib import Path
 
 from vlp_cli import VlpError
-from vlp_cli.checkpoint import load_checkpoint, quiet_transformers, save_checkpoint
+from vlp_cli.checkpoint import quiet_transformers, save_checkpoint
 from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import CaptionDataset, Collator, RetrievalTrainDataset, VqaDataset
 from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.stages.common import (
-    check_features,
-    check_tokenizer,
     corpus_meta,
     features_meta,
-    open_inputs,
+    open_checkpoint_inputs,
     prepare_out,
 )
 from vlp_cli.tasks import caption_step, retrieval_step, vqa_step
@@ -31,11 +29,8 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, out: Path, re
     if task not in TASKS:
         raise VlpError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     quiet_transformers()
-    inputs = open_inputs(corpus, features)
-    c, store = inputs.corpus, inputs.features
-    model, tok, src_meta = load_checkpoint(checkpoint)
-    check_tokenizer(tok, c, f"checkpoint {checkpoint}")
-    check_features(src_meta, store, checkpoint)
+    o = open_checkpoint_inputs(checkpoint, corpus, features)
+    model, tok, src_meta, c, store = o.model, o.tokenizer, o.meta, o.corpus, o.features
     if src_meta.get("task") not in (None, "pretrain", task):
         logger.warning("%s was fine-tuned for %s; fine-tuning it again for %s", checkpoint,
                        src_meta.get("task"), task)

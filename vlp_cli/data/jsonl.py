@@ -1,0 +1,36 @@
+"""Reading JSONL that users hand in: every bad line is an error naming the file and line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from vlp_cli import VlpError
+
+
+def iter_jsonl(path: Path, what: str = "file") -> Iterator[tuple[str, dict]]:
+    """Yield (`"FILE line N"`, record) for each non-empty line holding a JSON object with an
+    'image' string field.
+
+    Bytes are split, not decoded text: str.splitlines also breaks at U+2028, U+0085 and other
+    characters that JSON strings may hold unescaped. A UTF-8 BOM is tolerated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VlpError(f"{what} {path} not found")
+    for n, blob in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path} line {n}"
+        try:
+            line = blob.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise VlpError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise VlpError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
+            raise VlpError(f"{where}: needs an 'image' field with the image key (a string)")
+        yield where, rec
