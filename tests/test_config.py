@@ -64,3 +64,9 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
         load_recipe(p)
     with pytest.raises(VlpError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")))
+def test_every_shipped_recipe_is_valid(path: Path) -> None:
+    r = load_recipe(path)
+    assert r.name == path.stem

@@ -17,7 +17,7 @@ import torch
 from vlp_cli import VlpError
 from vlp_cli.config import ExtractCfg
 from vlp_cli.extractors.backbone import Backbone, file_sha256, grid_boxes, load_backbone
-from vlp_cli.extractors.images import Decoded, GivenBoxes
+from vlp_cli.extractors.images import Decoded, GivenBoxes, one_torch_thread
 from vlp_cli.stores.features import Regions, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -158,23 +158,44 @@ class Extractor:
             return []
         # Images of the same resized shape run together; padding different sizes into one
         # batch would make an image's features depend on its batch-mates.
+        # Only the two networks run on all of torch's threads; the small work around them runs
+        # on one (see one_torch_thread): same results, no barrier waits on a busy machine.
         fmaps: list[Any] = [None] * len(items)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, x in enumerate(items):
             groups.setdefault(tuple(x.image.shape), []).append(i)  # type: ignore[union-attr]
         for idx in groups.values():
-            out_maps = self.backbone(torch.stack([items[i].image for i in idx]))
+            with one_torch_thread():
+                batch = torch.stack([items[i].image for i in idx])  # type: ignore[misc]
+            out_maps = self.backbone(batch)
             for i, fm in zip(idx, out_maps):
                 fmaps[i] = fm
         dets: list[Any] = [None] * len(items)
         if self.detector is not None:
-            batch = torch.stack([x.letterboxed[0] for x in items])
+            with one_torch_thread():
+                batch = torch.stack([x.letterboxed[0] for x in items])  # type: ignore[index]
             out = self.detector.model(batch.to(self.detector.device))
-            dets = [self.detector.postprocess(out.detections[i], x.letterboxed[1],
-                                              self.cfg.keep_conf_th, self.cfg.nms_iou,
-                                              self.cfg.max_detections)
-                    for i, x in enumerate(items)]
-        return [self._regions(x, fm, d) for x, fm, d in zip(items, fmaps, dets)]
+            with one_torch_thread():
+                dets = self._detections(out.detections, items)
+        with one_torch_thread():
+            return [self._regions(x, fm, d) for x, fm, d in zip(items, fmaps, dets)]
+
+    def _detections(self, predictions: torch.Tensor, items: list[Decoded]) -> list[Any]:
+        """Each image's detections from the batch's head outputs [B, M, 5 + C].
+
+        `postprocess` keeps exactly the rows whose best class score (objectness x class
+        probability) exceeds `keep_conf_th`. That score is computed here for the whole batch
+        in one op, the same way, and each image's postprocess gets only those rows, in their
+        order: the same detections, without B passes over all M x C scores.
+        """
+        assert self.detector is not None
+        preds = predictions.float()
+        best = (preds[..., 4:5] * preds[..., 5:]).amax(dim=-1)  # [B, M]
+        keep = best > self.cfg.keep_conf_th
+        cfg = self.cfg
+        return [self.detector.postprocess(preds[i][keep[i]], x.letterboxed[1],  # type: ignore
+                                          cfg.keep_conf_th, cfg.nms_iou, cfg.max_detections)
+                for i, x in enumerate(items)]
 
     def _regions(self, item: Decoded, fmap: torch.Tensor, det: Any) -> Regions:
         w, h = item.width, item.height

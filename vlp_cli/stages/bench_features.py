@@ -414,7 +414,7 @@ def _peak_in_subprocess(images: int) -> dict:
         code = ("import sys; from vlp_cli.stages.bench_features import memory_child; "
                 "memory_child(int(sys.argv[1]), sys.argv[2])")
         proc = subprocess.run([sys.executable, "-c", code, str(images), str(out)],
-                              capture_output=True, text=True)
+                              check=False, capture_output=True, text=True)
         if proc.returncode != 0 or not out.is_file():
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
             raise VlpError(f"the memory bench's extraction of {images} images failed: "

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -23,7 +24,8 @@ from torch.utils.data import DataLoader
 from vlp_cli import VlpError
 from vlp_cli.config import Recipe, save_recipe
 from vlp_cli.console import progress
-from vlp_cli.extractors.images import ImageFolder, collate_decoded, list_images, read_boxes_jsonl
+from vlp_cli.extractors.images import (ImageFolder, collate_decoded, list_images,
+                                       one_torch_thread, read_boxes_jsonl)
 from vlp_cli.extractors.pipeline import Extractor
 from vlp_cli.stores.features import FeatureStore, FeatureStoreWriter, Regions, shard_name, \
     store_parts
@@ -41,7 +43,14 @@ def extract_batches(files: list[tuple[str, Path]], extractor: Extractor, batch_s
                           letterbox=extractor.letterbox_size, keep_rgb=keep_rgb)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_decoded)
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        # Without workers the batch is decoded here, on this process's threads: on one torch
+        # thread, as a worker would (see one_torch_thread).
+        with one_torch_thread() if num_workers == 0 else nullcontext():
+            batch = next(batches, None)
+        if batch is None:
+            break
         good = [x for x in batch if x.error is None]
         regions = dict(zip((x.key for x in good), extractor(good)))
         yield [(x.key, regions.get(x.key), x.error, x) for x in batch]
