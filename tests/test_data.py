@@ -116,3 +116,20 @@ def test_retrieval_pairs_and_caption_layout(parts: tuple) -> None:
     assert all(0 < i < a_len for i in labels)
     cb = Collator(builder.pad_id)([cds[0], cds[1]])
     assert cb["attn_mask"].shape[1] == cb["input_ids"].shape[1] + cb["img_feats"].shape[1]
+
+
+def test_shared_tag_negatives(parts: tuple) -> None:
+    recipe, tok, store, corpus, builder = parts
+    idx = corpus.indices("caption", "train")
+    ds = RetrievalTrainDataset(corpus, builder, idx, 35, 0, shared_tag_negatives=1.0)
+    checked = 0
+    for i in range(len(ds)):
+        ex = corpus.get(int(idx[i]))
+        group = ds.tag_groups[ds.tags_of[i]]
+        if len(group) < 2:
+            continue
+        neg = ds.negative_example(ds.rng(i), i, ex["image"])
+        assert neg["image"] != ex["image"]
+        assert tuple(sorted(set(builder.tag_classes(neg["image"])))) == ds.tags_of[i]
+        checked += 1
+    assert checked > 0

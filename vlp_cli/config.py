@@ -127,6 +127,11 @@ class VqaCfg:
 @dataclass
 class RetrievalCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
+    # Oscar draws the negative from any other image (0.0). With p > 0 it is drawn, with that
+    # probability, among examples whose image has the same tags: tags are Oscar's anchors, and
+    # negatives that share them teach the model to look past them (a cheap stand-in for
+    # UNITER's mined hard negatives).
+    shared_tag_negatives: float = 0.0
     eval_images: int = 1000  # images in the all-pairs evaluation (0: every unique-caption image)
     eval_batch_size: int = 256
 

@@ -108,19 +108,37 @@ class RetrievalTrainDataset(_Base):
     """
 
     def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray,
-                 max_text_len: int, seed: int):
+                 max_text_len: int, seed: int, shared_tag_negatives: float = 0.0):
         super().__init__(corpus, builder, indices, seed)
         self.max_text_len = max_text_len
+        self.shared_tag_negatives = shared_tag_negatives
+        self.tag_groups: dict[tuple[int, ...], list[int]] = {}
+        self.tags_of: list[tuple[int, ...]] = []
+        if shared_tag_negatives > 0:
+            # One pass over the examples' images: which examples share the same tag set.
+            for pos, i in enumerate(self.indices):
+                key = tuple(sorted(set(builder.tag_classes(corpus.get(int(i))["image"]))))
+                self.tags_of.append(key)
+                self.tag_groups.setdefault(key, []).append(pos)
 
     def pair(self, words: list[int], img: ImageInput, match: int) -> dict:
         text = self.builder.text(words, self.builder.tag_ids(img.tag_classes), self.max_text_len)
         return self.item(text, img, match=match)
 
+    def negative_example(self, rng: np.random.Generator, i: int, image: str) -> dict:
+        if self.shared_tag_negatives > 0 and rng.random() < self.shared_tag_negatives:
+            group = self.tag_groups[self.tags_of[i]]
+            for _ in range(10):
+                ex = self.corpus.get(int(self.indices[group[rng.integers(len(group))]]))
+                if ex["image"] != image:
+                    return ex
+        return self.other_example(rng, image)
+
     def __getitem__(self, i: int) -> list[dict]:
         rng = self.rng(i)
         ex = self.corpus.get(int(self.indices[i]))
         img = self.builder.regions(ex["image"])
-        other = self.other_example(rng, ex["image"])
+        other = self.negative_example(rng, i, ex["image"])
         if rng.random() < 0.5:
             neg = self.pair(other["ids"], img, 0)
         else:

@@ -57,8 +57,11 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, out: Path, re
     elif task == "retrieval":
         cfg = recipe.retrieval
         max_len = recipe.data.max_text_len
-        train_ds = RetrievalTrainDataset(c, builder, c.require("caption", "train"), max_len, seed)
-        val_ds = RetrievalTrainDataset(c, builder, c.indices("caption", "val"), max_len, seed + 1)
+        neg = cfg.shared_tag_negatives
+        train_ds = RetrievalTrainDataset(c, builder, c.require("caption", "train"), max_len, seed,
+                                         neg)
+        val_ds = RetrievalTrainDataset(c, builder, c.indices("caption", "val"), max_len, seed + 1,
+                                       neg)
         step = retrieval_step
     else:
         cfg = recipe.captioning

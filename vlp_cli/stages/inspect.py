@@ -22,6 +22,14 @@ def describe(path: Path) -> dict:
             return {"kind": "metrics", "path": str(path), **json.loads(path.read_text())}
         except json.JSONDecodeError as exc:
             raise VlpError(f"{path}: not valid JSON ({exc.msg})")
+    if path.is_file() and path.suffix == ".jsonl":
+        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        try:
+            first = json.loads(lines[0]) if lines else None
+        except json.JSONDecodeError as exc:
+            raise VlpError(f"{path} line 1: not valid JSON ({exc.msg})")
+        return {"kind": "records (JSONL)", "path": str(path), "records": len(lines),
+                "first": first}
     if checkpoint.is_checkpoint(path):
         return checkpoint.describe(path)
     if is_lmdb_dir(path):

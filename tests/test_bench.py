@@ -1,0 +1,263 @@
+"""The feature benchmarks' pieces: UNITER-style baseline, memmap baseline, well-formed results.
+
+Ratios are never asserted: timings on a shared machine drift. What is checked is that every
+arm of a benchmark reads the same regions, and that the speed-ups the benchmarks motivated
+(read-time selection, single-threaded work around the networks, batched score threshold)
+give exactly what the plain code gave.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from vlp_cli import VlpError
+from vlp_cli.stages.bench_features import (
+    SELECTION,
+    MemmapStore,
+    ReadScale,
+    _combine,
+    bench_store_read,
+    synthetic_records,
+    uniter_arrays,
+)
+from vlp_cli.stores.features import (
+    FeatureStore,
+    FeatureStoreWriter,
+    Regions,
+    decode_regions,
+    encode_regions,
+    select_count,
+)
+from vlp_cli.stores.uniter_style import (
+    UniterStyleReader,
+    UniterStyleWriter,
+    encode_array,
+    pack_record,
+    unpack_record,
+)
+
+SMALL = ReadScale(regions=14, dim=24, classes=7)
+
+
+def _stores(tmp_path: Path, records: list[tuple[str, Regions]], scale: ReadScale,
+            ) -> tuple[FeatureStore, UniterStyleReader, MemmapStore]:
+    meta = {"extractor": {"name": "test"}, "feature_dim": scale.dim,
+            "labels": [str(i) for i in range(scale.classes)]}
+    w = FeatureStoreWriter(tmp_path / "vlp", meta)
+    u = UniterStyleWriter(tmp_path / "uniter", commit_every=7)
+    for key, r in records:
+        w.put(key, r)
+        u.put(key, uniter_arrays(r))
+    w.close()
+    u.close()
+    return (FeatureStore(tmp_path / "vlp"), UniterStyleReader(tmp_path / "uniter", *SELECTION),
+            MemmapStore(tmp_path / "memmap", records))
+
+
+def test_msgpack_numpy_encoding() -> None:
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    enc = encode_array(a.astype(np.float16))
+    assert enc == {b"nd": True, b"type": "<f2", b"kind": b"", b"shape": [2, 3],
+                   b"data": a.astype(np.float16).tobytes()}
+    raw = msgpack.unpackb(pack_record({"features": a, "ids": np.arange(3, dtype=np.int32)}),
+                          raw=False)
+    assert raw["features"][b"type"] == "<f2"  # float32 stored as float16, as convert_imgdir
+    assert raw["ids"][b"type"] == "<i4"
+    back = unpack_record(pack_record({"features": a}))
+    assert back["features"].dtype == np.float16
+    np.testing.assert_array_equal(back["features"], a.astype(np.float16))
+    with pytest.raises(ValueError):
+        encode_array(np.array(["x"], dtype=object))
+
+
+def test_uniter_style_reads_the_same_regions_as_vlp(tmp_path: Path) -> None:
+    records = synthetic_records(9, SMALL, seed=3)
+    store, uniter, mm = _stores(tmp_path, records, SMALL)
+    try:
+        for key, r in records:
+            got = store.get_selected(key, *SELECTION)
+            n = select_count(r.confidences, *SELECTION)
+            assert len(got) == n and n >= SELECTION[1]
+            u = uniter.get(key)
+            assert {name: a.shape[0] for name, a in u.items()} == dict.fromkeys(u, n)
+            np.testing.assert_array_equal(u["features"], got.features)
+            np.testing.assert_array_equal(u["conf"].astype(np.float32), got.confidences)
+            np.testing.assert_array_equal(u["soft_labels"], got.class_probs)
+            wh = np.array([got.width, got.height] * 2, np.float32)
+            np.testing.assert_allclose(u["norm_bb"][:, :4].astype(np.float32) * wh, got.boxes,
+                                       rtol=2e-3, atol=0.5)  # norm_bb is float16
+            np.testing.assert_allclose(u["norm_bb"][:, 4:].astype(np.float32),
+                                       (got.boxes[:, 2:] - got.boxes[:, :2]) / wh[:2],
+                                       rtol=2e-3, atol=1e-3)
+            m = mm.get_selected(key, *SELECTION)
+            for field in ("features", "boxes", "class_ids", "confidences", "class_probs"):
+                np.testing.assert_array_equal(getattr(m, field), getattr(got, field))
+            assert (m.width, m.height) == (got.width, got.height)
+            assert got.features.flags.writeable and m.features.flags.writeable
+        with pytest.raises(KeyError):
+            uniter.get("missing.jpg")
+    finally:
+        uniter.close()
+        store.close()
+
+
+def test_get_selected_is_decode_then_select(tmp_path: Path) -> None:
+    """The single-pass selection reads what decoding everything and selecting read."""
+    records = synthetic_records(4, SMALL, seed=5)
+    store, uniter, _ = _stores(tmp_path, records, SMALL)
+    uniter.close()
+    try:
+        for key, r in records:
+            for policy in ((0.2, 10, 100), (0.9, 1, 3), (0.0, 0, 100), (1.5, 0, 5)):
+                full = decode_regions(encode_regions(r))
+                n = select_count(full.confidences, *policy)
+                got = store.get_selected(key, *policy)
+                want = store.get(key, limit=n)
+                assert len(got) == n
+                for field in ("features", "boxes", "class_ids", "confidences", "class_probs"):
+                    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    finally:
+        store.close()
+
+
+def test_get_selected_refuses_a_foreign_record(tmp_path: Path) -> None:
+    from vlp_cli.stores.lmdb_env import Writer
+
+    records = synthetic_records(1, SMALL)
+    store, uniter, _ = _stores(tmp_path, records, SMALL)
+    uniter.close()
+    store.close()
+    w = Writer(tmp_path / "vlp")
+    w.put(b"bad.jpg", b"NOPE" + bytes(60))
+    w.close()
+    store = FeatureStore(tmp_path / "vlp")
+    with pytest.raises(VlpError, match="bad magic"):
+        store.get_selected("bad.jpg", *SELECTION)
+    store.close()
+
+
+def test_store_read_bench_is_well_formed() -> None:
+    r = bench_store_read(reps=1, records=12, reads=20, scales={"small": SMALL})
+    assert set(r) >= {"ratio", "target", "met", "ratios", "parts", "direction"}
+    part = r["parts"]["small"]
+    assert len(part["ratios"]) == 1 and part["ratio"] > 0
+    assert part["vlp_per_s"] > 0 and part["uniter_per_s"] > 0 and part["memmap_per_s"] > 0
+    assert part["records"] == 12 and part["reads_per_rep"] == 20
+    assert r["ratio"] == part["ratio"] and r["met"] == part["met"]
+
+
+def test_combine_takes_the_worst_part() -> None:
+    parts = {"a": {"ratio": 0.9, "met": True, "ratios": [0.9]},
+             "b": {"ratio": 0.8, "met": False, "ratios": [0.8]}}
+    r = _combine(parts, 0.85)
+    assert (r["ratio"], r["met"], r["worst"], r["ratios"]) == (0.8, False, "b", [0.8])
+    r = _combine({"a": {"ratio": 1.2, "met": False, "ratios": [1.2]},
+                  "b": {"ratio": 1.0, "met": True, "ratios": [1.0]}}, 1.1, direction="<=")
+    assert (r["ratio"], r["worst"], r["direction"]) == (1.2, "a", "<=")
+
+
+def test_one_torch_thread_restores_the_count() -> None:
+    from vlp_cli.extractors.images import one_torch_thread
+
+    before = torch.get_num_threads()
+    with one_torch_thread():
+        assert torch.get_num_threads() == 1
+        with one_torch_thread():
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), one_torch_thread():
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_batched_score_threshold_gives_the_same_detections() -> None:
+    """Extractor._detections (one threshold op per batch) == postprocess on all predictions."""
+    from vlp_cli.config import ExtractCfg
+    from vlp_cli.extractors.detect import Detector, letterbox_info
+    from vlp_cli.extractors.pipeline import Extractor
+
+    cfg = ExtractCfg(keep_conf_th=0.05, nms_iou=0.45, max_detections=7)
+    ex = Extractor.__new__(Extractor)  # only cfg and the detector's postprocess are used
+    ex.cfg = cfg
+    ex.detector = SimpleNamespace(postprocess=lambda *a: Detector.postprocess(None, *a))
+    g = torch.Generator().manual_seed(0)
+    b, m, c = 3, 300, 6
+    preds = torch.rand(b, m, 5 + c, generator=g)
+    preds[..., 4] = preds[..., 4] ** 3  # mostly low objectness: some rows pass, most do not
+    preds[..., 2:4] *= 0.3
+    preds[1, :, 4] = 0.0  # an image without a single candidate
+    infos = [letterbox_info(w, h, 64, 64) for w, h in ((50, 30), (64, 64), (20, 70))]
+    items = [SimpleNamespace(letterboxed=(None, info)) for info in infos]
+    got = ex._detections(preds, items)  # type: ignore[arg-type]
+    for i, info in enumerate(infos):
+        want = Detector.postprocess(None, preds[i], info,  # type: ignore[arg-type]
+                                    cfg.keep_conf_th, cfg.nms_iou, cfg.max_detections)
+        for field in ("boxes", "class_ids", "scores", "class_probs"):
+            assert torch.equal(getattr(got[i], field), getattr(want, field)), (i, field)
+    assert len(got[1]) == 0 and len(got[0]) > 0
+
+
+@pytest.mark.slow
+def test_extractor_matches_the_plain_per_image_path(tmp_path: Path) -> None:
+    """The whole extractor, bit for bit, against the straightforward code it replaced."""
+    from vlp_cli.config import Recipe
+    from vlp_cli.extractors.images import ImageFolder
+    from vlp_cli.extractors.pipeline import Extractor
+    from vlp_cli.stages.bench_features import easy_vqa_files, photo_files
+    from vlp_cli.stages.extract import extract_batches
+
+    cfg = Recipe().extract
+    cfg.batch_size = 4
+    ex = Extractor(cfg)
+    files = easy_vqa_files(3) + photo_files(tmp_path, copies=1)[:5]
+    got = {k: r for batch in extract_batches(files, ex, cfg.batch_size, 0)
+           for k, r, _, _ in batch}
+    dataset = ImageFolder(files, cfg.min_size, cfg.max_size, letterbox=ex.letterbox_size)
+    decoded = [dataset[i] for i in range(len(files))]
+    with torch.inference_mode():  # Extractor.__call__ as it was: every op on all threads
+        for start in range(0, len(decoded), cfg.batch_size):
+            items = decoded[start:start + cfg.batch_size]
+            fmaps: list = [None] * len(items)
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, x in enumerate(items):
+                groups.setdefault(tuple(x.image.shape), []).append(i)
+            for idx in groups.values():
+                for i, fm in zip(idx, ex.backbone(torch.stack([items[i].image for i in idx]))):
+                    fmaps[i] = fm
+            out = ex.detector.model(torch.stack([x.letterboxed[0] for x in items]))
+            for i, x in enumerate(items):
+                det = ex.detector.postprocess(out.detections[i], x.letterboxed[1],
+                                              cfg.keep_conf_th, cfg.nms_iou, cfg.max_detections)
+                want = ex._regions(x, fmaps[i], det)
+                for field in ("features", "boxes", "class_ids", "confidences", "class_probs",
+                              "image_feature"):
+                    np.testing.assert_array_equal(getattr(got[x.key], field),
+                                                  getattr(want, field), err_msg=f"{x.key} {field}")
+
+
+@pytest.mark.slow
+def test_extract_bench_is_well_formed() -> None:
+    from vlp_cli.stages.bench_features import bench_extract
+
+    r = bench_extract(reps=1, easy_vqa_images=4, photo_copies=1)
+    assert set(r["parts"]) == {"easy-vqa", "photos"}
+    for part in r["parts"].values():
+        assert part["pipeline_per_s"] > 0 and part["forward_per_s"] > 0
+        assert len(part["ratios"]) == 1
+    assert r["ratio"] == min(p["ratio"] for p in r["parts"].values())
+
+
+@pytest.mark.slow
+def test_extract_memory_bench_is_well_formed() -> None:
+    from vlp_cli.stages.bench_features import bench_extract_memory
+
+    r = bench_extract_memory(reps=1, small=4, large=8)
+    assert r["direction"] == "<=" and r["met"] == (r["ratio"] <= r["target"])
+    assert len(r["peak_mib_4"]) == 1 and r["peak_mib_8"][0] > 100
