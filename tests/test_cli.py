@@ -25,10 +25,11 @@ def vlp(*args: str | Path, ok: bool = True) -> str:
     return result.stdout
 
 
-def sets() -> list[str]:
+def sets(drop: tuple[str, ...] = ()) -> list[str]:
     out = []
     for s in tiny_recipe_sets():
-        out += ["--set", s]
+        if s not in drop:
+            out += ["--set", s]
     return out
 
 
@@ -153,3 +154,21 @@ def test_missing_image_key_is_reported_with_its_line(tiny_data: dict, tmp_path: 
     vlp("build-corpus", src, "-f", tiny_data["features"], "-o", tmp_path / "c",
         "--skip-missing")
     assert json.loads(vlp("inspect", tmp_path / "c", "--json"))["examples"] == 1
+
+
+@pytest.mark.slow
+def test_whole_chain_with_the_embedded_text_encoder(images: dict[str, Path],
+                                                    tmp_path: Path) -> None:
+    """The same chain with real MiniLM weights (the demo's model), a few steps per stage."""
+    d = tmp_path
+    f, c = d / "features", d / "corpus"
+    real = sets(drop=("model.init=random:tiny",))
+    vlp("extract-features", images["images"], "-o", f, "--boxes", images["boxes"], *real)
+    vlp("build-corpus", images["data"], "-f", f, "-o", c, *real)
+    vlp("pretrain", "recipes/tiny.yaml", "-c", c, "-f", f, "-o", d / "pre", *real)
+    info = json.loads(vlp("inspect", d / "pre", "--json"))
+    assert info["encoder"]["hidden_size"] == 384 and info["encoder"]["num_hidden_layers"] == 6
+    assert info["meta"]["init"] == "embedded:minilm"
+    vlp("finetune", "vqa", "-k", d / "pre", "-c", c, "-f", f, "-o", d / "vqa")
+    out = json.loads(vlp("evaluate", "vqa", "-k", d / "vqa", "-c", c, "-f", f))
+    assert out["questions"] > 0 and 0 <= out["vqa_accuracy"] <= 100

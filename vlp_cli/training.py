@@ -41,13 +41,19 @@ class TrainResult:
 
 
 def make_accelerator(cfg: TrainCfg) -> Any:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     precision = cfg.mixed_precision
     if precision == "fp16" and not torch.cuda.is_available():
         logger.warning("fp16 needs a GPU; training in fp32 on the CPU")
         precision = "no"
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
+    # Without a GPU, several processes (torchrun, accelerate launch) only form a gloo group
+    # when accelerate is told it is on the CPU; alone, this changes nothing.
+    # Heads a task does not use (the VQA head in pre-training...) get no gradient; DDP must be
+    # told, or it waits for them forever.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
@@ -95,20 +101,33 @@ class _Meter:
         return {k: float(s / n) if n > 0 else math.nan for k, (s, n) in zip(keys, packed.tolist())}
 
 
-def evaluate_stats(model: torch.nn.Module, loader: DataLoader, step_fn: Step, accelerator: Any,
+class TaskModule(torch.nn.Module):
+    """The model and one task's step as a single module, so that everything a step computes
+    (encoder and heads) runs inside `forward`, where DistributedDataParallel can see it."""
+
+    def __init__(self, model: torch.nn.Module, step_fn: Step):
+        super().__init__()
+        self.model = model
+        self.step_fn = step_fn
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, Stats]:
+        return self.step_fn(self.model, batch)
+
+
+def evaluate_stats(task: torch.nn.Module, loader: DataLoader, accelerator: Any,
                    max_batches: int = 0) -> dict[str, float]:
-    """Held-out statistics of `step_fn` over a (prepared) loader."""
-    was_training = model.training
-    model.eval()
+    """Held-out statistics of a (prepared) TaskModule over a (prepared) loader."""
+    was_training = task.training
+    task.eval()
     meter = _Meter()
     with torch.no_grad():
         for i, batch in enumerate(loader):
             if max_batches and i >= max_batches:
                 break
             with accelerator.autocast():
-                _, stats = step_fn(model, batch)
+                _, stats = task(batch)
             meter.add(stats)
-    model.train(was_training)
+    task.train(was_training)
     return meter.result(accelerator)
 
 
@@ -170,7 +189,8 @@ def train(
     # The scheduler is stepped by hand once per optimiser step: accelerate's wrapper would step
     # it once per process, which shortens the schedule under data parallelism.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    task = TaskModule(model, step_fn)
+    task, optimizer, loader = accelerator.prepare(task, optimizer, loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
     accelerator.register_for_checkpointing(scheduler)
@@ -189,15 +209,15 @@ def train(
         if accelerator.is_main_process:
             (state_dir / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch}))
             if save_fn is not None:
-                save_fn(accelerator.unwrap_model(model), step)
+                save_fn(accelerator.unwrap_model(task).model, step)
         accelerator.wait_for_everyone()
 
     metrics_path = out_dir / METRICS
     meter, last, held = _Meter(), {}, {}
     start = time.time()
-    model.train()
+    task.train()
     with progress(disable=not accelerator.is_main_process) as bar:
-        task = bar.add_task(description, total=cfg.steps, completed=step)
+        bar_task = bar.add_task(description, total=cfg.steps, completed=step)
         while step < cfg.steps:
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
@@ -205,12 +225,12 @@ def train(
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             for batch in loader:
-                with accelerator.accumulate(model):
+                with accelerator.accumulate(task):
                     with accelerator.autocast():
-                        loss, stats = step_fn(model, batch)
+                        loss, stats = task(batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(task.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.add(stats)
@@ -218,7 +238,7 @@ def train(
                     continue
                 scheduler.step()
                 step += 1
-                bar.update(task, completed=step)
+                bar.update(bar_task, completed=step)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     last = meter.result(accelerator)
                     meter = _Meter()
@@ -226,10 +246,10 @@ def train(
                         _append(metrics_path, {"step": step, "split": "train",
                                                "lr": scheduler.get_last_lr()[0], **last,
                                                "elapsed_s": round(time.time() - start, 1)})
-                        bar.update(task, description=f"{description} loss {last['loss']:.3f}")
+                        bar.update(bar_task, description=f"{description} loss {last['loss']:.3f}")
                 if eval_loader is not None and (
                         (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                    held = evaluate_stats(model, eval_loader, step_fn, accelerator,
+                    held = evaluate_stats(task, eval_loader, accelerator,
                                           cfg.eval_batches)
                     if accelerator.is_main_process:
                         _append(metrics_path, {"step": step, "split": "val", **held})

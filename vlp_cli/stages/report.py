@@ -64,5 +64,6 @@ def show(run_dir: Path) -> None:
         out.print(ct)
     for k, v in notes.items():
         out.print(f"[bold]{k}[/]: {v}")
-    out.print("Object tags here are ground-truth shape names derived from the pixels: the "
-              "upper-bound setting of the Oscar paper, not detector tags.")
+    if notes:
+        out.print("Object tags here are ground-truth shape names derived from the pixels: the "
+                  "upper-bound setting of the Oscar paper, not detector tags.")
