@@ -261,3 +261,18 @@ def test_extract_memory_bench_is_well_formed() -> None:
     r = bench_extract_memory(reps=1, small=4, large=8)
     assert r["direction"] == "<=" and r["met"] == (r["ratio"] <= r["target"])
     assert len(r["peak_mib_4"]) == 1 and r["peak_mib_8"][0] > 100
+    assert r["ratio_of_max_peaks"] == round(r["peak_mib_8"][0] / r["peak_mib_4"][0], 3)
+
+
+def test_peak_is_this_process_high_water_mark() -> None:
+    """VmHWM, unlike ru_maxrss, does not start from the spawning process's size."""
+    import sys
+
+    from vlp_cli.stages.bench_features import _proc_status_kib
+
+    hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
+    if not sys.platform.startswith("linux"):
+        assert hwm is None
+        return
+    assert hwm is not None and rss is not None and hwm >= rss > 0
+    assert _proc_status_kib("NoSuchField") is None

@@ -71,7 +71,9 @@ class ExampleBuilder:
         if self.features is None:
             raise ValueError("this builder has no feature store; use image_input()")
         try:
-            r: Regions = self.features.get_selected(key, c.conf_th, c.min_boxes, c.max_boxes)
+            # Views into the store: image_input and the collator copy what they use, once.
+            r: Regions = self.features.get_selected(key, c.conf_th, c.min_boxes, c.max_boxes,
+                                                    copy=False)
         except KeyError:
             raise VlpError(f"image {key!r} is not in feature store {self.features.path}: "
                            "extract it, or pass the store the corpus was built on") from None

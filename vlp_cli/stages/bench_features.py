@@ -343,14 +343,41 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
             return len(order) / (time.perf_counter() - start)
         return arm
 
+    def to_model(feats: np.ndarray, boxes: np.ndarray) -> None:
+        # What the data loader does with a read: fp32 features and boxes for the batch.
+        np.asarray(feats, np.float32)
+        np.array(boxes, np.float32)
+
+    def vlp_loader(k: str) -> None:
+        r = store.get_selected(k, *SELECTION, copy=False)
+        to_model(r.features, r.boxes)
+
+    def uniter_loader(k: str) -> None:
+        a = reader.get(k, copy=False)
+        to_model(a["features"], a["norm_bb"])
+
+    def memmap_loader(k: str) -> None:
+        i = mm.index[k]
+        n = select_count(mm.arrays["confidences"][i], *SELECTION)
+        to_model(mm.arrays["features"][i, :n], mm.arrays["boxes"][i, :n])
+
     rates = interleave({
         "vlp": timed(lambda k: store.get_selected(k, *SELECTION)),
         "uniter": timed(reader.get),
         "memmap": timed(lambda k: mm.get_selected(k, *SELECTION)),
+        "vlp_loader": timed(vlp_loader),
+        "uniter_loader": timed(uniter_loader),
+        "memmap_loader": timed(memmap_loader),
     }, reps)
     reader.close()
     store.close()
     result = ratio_summary(rates, "vlp", "uniter", target)
+    # The read as the data loader does it: vlp's zero-copy views consumed into fp32, against
+    # UNITER's unpack then convert (the conversion, the same in every arm, dominates).
+    loader = ratio_summary(rates, "vlp_loader", "uniter_loader", target)
+    loader_vs_memmap = ratio_summary(rates, "vlp_loader", "memmap_loader", 0.0)
+    result.update(loader_path={"ratio": loader["ratio"], "ratios": loader["ratios"],
+                               "over_memmap": loader_vs_memmap["ratio"]})
     vs_memmap = ratio_summary(rates, "vlp", "memmap", 0.0)
     result.update(vlp_over_memmap=vs_memmap["ratio"], vlp_over_memmap_ratios=vs_memmap["ratios"],
                   memmap_per_s=vs_memmap["memmap_per_s"], records=records,
@@ -389,11 +416,25 @@ def bench_store_read(reps: int, records: int = 2000, reads: int = 4000, target: 
 # -- extract-memory --------------------------------------------------------------------------
 
 
+def _proc_status_kib(field: str) -> int | None:
+    """A `VmXXX:` field of /proc/self/status in KiB; None where there is no /proc (not Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def memory_child(images: int, out: str) -> None:
     """Extract the first `images` easy-VQA images as `make demo` does; write peak RSS to `out`.
 
-    Runs in a fresh process (see `bench_extract_memory`), so that the high-water mark is this
-    extraction's alone. Peaks are in KiB (Linux's ru_maxrss unit).
+    Runs in a fresh process (see `bench_extract_memory`). Peaks are in KiB. The peak used is
+    VmHWM, this process's own high-water mark since exec: Linux's ru_maxrss (also reported)
+    starts from the RSS of the process that spawned it (the high-water mark is carried over
+    exec), so under a large parent it reports the parent's size, whatever the extraction does.
     """
     from vlp_cli.config import load_recipe
     from vlp_cli.stages import extract
@@ -401,8 +442,11 @@ def memory_child(images: int, out: str) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         extract.run("easy-vqa", Path(tmp) / "features", load_recipe("tiny"), limit=images)
+    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result = {"images": images, "seconds": round(time.perf_counter() - start, 1),
-              "maxrss_self_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+              "hwm_kib": _proc_status_kib("VmHWM") or self_kib,
+              "rss_end_kib": _proc_status_kib("VmRSS"),
+              "maxrss_self_kib": self_kib,
               "maxrss_children_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}
     Path(out).write_text(json.dumps(result), encoding="utf-8")
 
@@ -422,8 +466,7 @@ def _peak_in_subprocess(images: int) -> dict:
         result = json.loads(out.read_text(encoding="utf-8"))
     # Workers (if any) hold their own memory beside the main process: the peak counts the
     # main process plus the largest child (ru_maxrss of children is a max, not a sum).
-    result["peak_mib"] = round((result["maxrss_self_kib"] + result["maxrss_children_kib"])
-                               / 1024, 1)
+    result["peak_mib"] = round((result["hwm_kib"] + result["maxrss_children_kib"]) / 1024, 1)
     return result
 
 
@@ -432,9 +475,10 @@ def bench_extract_memory(reps: int, small: int = 1000, large: int = 4000,
     """Peak RSS of extracting `large` easy-VQA images / of extracting `small` (lower is better).
 
     Each extraction is `vlp extract-features easy-vqa` with the tiny recipe (the demo's
-    extraction: boxes and tags derived from the pixels) in a fresh subprocess. Flat memory
-    gives a ratio near 1; the result is met when ratio <= target. There is no warm-up
-    repetition: every run starts from a fresh process anyway.
+    extraction: boxes and tags derived from the pixels) in a fresh subprocess, whose peak is
+    its own VmHWM (see `memory_child`) plus the largest worker's. Flat memory gives a ratio
+    near 1; the result is met when ratio <= target. There is no warm-up repetition: every
+    run starts from a fresh process anyway.
 
     Args:
         reps: repetitions (each runs both sizes, in alternating order).
@@ -450,11 +494,23 @@ def bench_extract_memory(reps: int, small: int = 1000, large: int = 4000,
                         runs[n][-1]["peak_mib"], runs[n][-1]["seconds"])
     ratios = [b["peak_mib"] / a["peak_mib"] for a, b in zip(runs[small], runs[large])]
     med = statistics.median(ratios)
+    peak = {n: max(r["peak_mib"] for r in runs[n]) for n in runs}
     return {"ratio": round(med, 3), "target": target, "direction": "<=", "met": med <= target,
             "ratios": [round(r, 3) for r in ratios],
+            # The peak is set within the first few batches and lands in one of two modes
+            # ~100 MiB apart (allocator state), at any image count: the highest peak of each
+            # size is the steadier comparison.
+            "ratio_of_max_peaks": round(peak[large] / peak[small], 3),
             f"peak_mib_{small}": [r["peak_mib"] for r in runs[small]],
             f"peak_mib_{large}": [r["peak_mib"] for r in runs[large]],
+            f"rss_end_mib_{small}": [round((r["rss_end_kib"] or 0) / 1024, 1)
+                                     for r in runs[small]],
+            f"rss_end_mib_{large}": [round((r["rss_end_kib"] or 0) / 1024, 1)
+                                     for r in runs[large]],
+            f"ru_maxrss_mib_{large}": [round(r["maxrss_self_kib"] / 1024, 1)
+                                       for r in runs[large]],
             f"seconds_{small}": [r["seconds"] for r in runs[small]],
             f"seconds_{large}": [r["seconds"] for r in runs[large]],
-            "what": f"peak RSS (main process + largest worker) extracting {large} / {small} "
-                    "easy-VQA images, each in a fresh process; lower is better"}
+            "what": f"peak RSS (VmHWM of the main process + largest worker's ru_maxrss) "
+                    f"extracting {large} / {small} easy-VQA images, each in a fresh process; "
+                    "lower is better"}

@@ -289,8 +289,22 @@ class FeatureStore:
         """All regions of one image (or the `limit` most confident)."""
         return self._read(key, lambda buf: decode_regions(buf, limit=limit))
 
-    def get_selected(self, key: str, conf_th: float, min_boxes: int, max_boxes: int) -> Regions:
-        """The regions kept by the read-time policy; only their bytes are copied."""
+    def get_selected(self, key: str, conf_th: float, min_boxes: int, max_boxes: int,
+                     copy: bool = True) -> Regions:
+        """The regions kept by the read-time policy.
+
+        With `copy=False` the arrays are read-only views into the memory-mapped store (valid
+        until `close()` in this process): nothing is copied until the caller consumes them,
+        which is how the data loader reads.
+        """
+        if not copy:
+            k = key.encode()
+            for r in self._readers:
+                buf = r.view(k)
+                if buf is not None:
+                    n = select_count(_confidences(buf), conf_th, min_boxes, max_boxes)
+                    return decode_regions(buf, limit=n, copy=False)
+            raise KeyError(key)
 
         def pick(buf: Any) -> Regions:
             # Only the confidences decide the count: reading them alone, rather than parsing

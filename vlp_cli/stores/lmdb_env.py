@@ -30,7 +30,7 @@ def is_lmdb_dir(path: Path) -> bool:
 # One read-only environment per (store, process): py-lmdb refuses a second handle on the same
 # environment in one process, and several readers of one store are common (a stage and its
 # checks, a test and the code under test).
-_OPEN: dict[tuple[str, int], tuple[lmdb.Environment, Any, Any]] = {}
+_OPEN: dict[tuple[str, int], tuple[lmdb.Environment, Any, Any, lmdb.Transaction]] = {}
 
 
 class LazyReader:
@@ -42,7 +42,7 @@ class LazyReader:
             raise VlpError(f"{self.path} is not a vlp store (no data.mdb inside)")
         self._id = str(self.path.resolve())
 
-    def _handles(self) -> tuple[lmdb.Environment, Any, Any]:
+    def _handles(self) -> tuple[lmdb.Environment, Any, Any]:  # type: ignore[return]
         key = (self._id, os.getpid())
         found = _OPEN.get(key)
         if found is None:
@@ -50,9 +50,19 @@ class LazyReader:
                 self._id, readonly=True, lock=False, readahead=False, meminit=False,
                 max_dbs=4, subdir=True, max_readers=2048,
             )
-            found = (env, env.open_db(DATA_DB, create=False), env.open_db(META_DB, create=False))
+            data = env.open_db(DATA_DB, create=False)
+            # A read transaction kept for the life of the handle: values read through it are
+            # views into the memory map that stay valid, so the hot path copies nothing.
+            # Stores are immutable once written, so its snapshot never goes stale.
+            found = (env, data, env.open_db(META_DB, create=False),
+                     env.begin(db=data, buffers=True))
             _OPEN[key] = found
-        return found
+        return found[:3]
+
+    def view(self, key: bytes) -> memoryview | None:
+        """A zero-copy view of a value, valid until this store is closed in this process."""
+        self._handles()
+        return _OPEN[(self._id, os.getpid())][3].get(key)
 
     def begin(self) -> lmdb.Transaction:
         env, data, _ = self._handles()
@@ -86,6 +96,7 @@ class LazyReader:
         """Close this process's handle (every reader of the store reopens on next use)."""
         found = _OPEN.pop((self._id, os.getpid()), None)
         if found is not None:
+            found[3].abort()
             found[0].close()
 
 

@@ -113,8 +113,12 @@ class UniterStyleReader:
         self._txn = self._env.begin(buffers=True)
         self.conf_th, self.min_boxes, self.max_boxes = conf_th, min_boxes, max_boxes
 
-    def get(self, key: str) -> dict[str, np.ndarray]:
-        """The selected rows of every array of one image (copies: the views die with the txn).
+    def get(self, key: str, copy: bool = True) -> dict[str, np.ndarray]:
+        """The selected rows of every array of one image.
+
+        msgpack already copied the values out of the map; `copy=True` copies the selected
+        rows again, so that both stores' `get_selected` hand back compact arrays of their own
+        (`copy=False` is what UNITER's loader does: slices of the unpacked arrays).
 
         Raises:
             KeyError: no such key.
@@ -127,7 +131,7 @@ class UniterStyleReader:
         # would round the threshold itself (0.2 -> 0.2000122).
         conf = arrays["conf"].astype(np.float32)
         n = select_count(conf, self.conf_th, self.min_boxes, self.max_boxes)
-        return {name: a[:n].copy() for name, a in arrays.items()}
+        return {name: a[:n].copy() if copy else a[:n] for name, a in arrays.items()}
 
     def close(self) -> None:
         """End the transaction and close the environment."""
