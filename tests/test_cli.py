@@ -115,9 +115,22 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
         "--boxes", images["boxes"], "-o", d / "from-images.jsonl")
     from_images = [json.loads(x) for x in (d / "from-images.jsonl").read_text().splitlines()]
     assert sorted(x["image"] for x in from_images) == [f"{i}.png" for i in range(4)]
-    # Same pixels, same extractor: the same captions as from the stored features.
-    stored = {x["image"].split("/")[-1]: x["caption"] for x in caps}
-    assert all(stored[x["image"]] == x["caption"] for x in from_images)
+    # Same pixels, same extractor rebuilt from the store's metadata: the same features (up to
+    # fp16 and thread-count rounding; captions of a tiny random model can flip on such ties).
+    from vlp_cli.extractors.images import list_images, read_boxes_jsonl
+    from vlp_cli.extractors.pipeline import Extractor
+    from vlp_cli.stages.extract import extract_batches
+    from vlp_cli.stores.features import FeatureStore
+
+    store = FeatureStore(f)
+    ext = Extractor.from_meta(store.meta, read_boxes_jsonl(images["boxes"]))
+    for batch in extract_batches(list_images(images["images"])[:6], ext, 3, 0):
+        for key, regions, error, _ in batch:
+            assert error is None
+            want = store.get(key)
+            np.testing.assert_allclose(regions.features.astype(np.float32),
+                                       want.features.astype(np.float32), rtol=2e-2, atol=2e-2)
+            np.testing.assert_array_equal(regions.boxes, want.boxes)
     out = vlp("report", d)
     assert "vqa_accuracy" in out and "i2t_r1" in out
 
