@@ -276,3 +276,12 @@ def test_peak_is_this_process_high_water_mark() -> None:
         return
     assert hwm is not None and rss is not None and hwm >= rss > 0
     assert _proc_status_kib("NoSuchField") is None
+
+
+@pytest.mark.slow
+def test_pipeline_bench_is_well_formed() -> None:
+    from vlp_cli.stages.bench import bench_pipeline
+
+    r = bench_pipeline(reps=1, steps=2, images=200)
+    assert r["loader_per_s"] > 0 and r["in_memory_per_s"] > 0 and len(r["ratios"]) == 1
+    assert r["met"] == (r["ratio"] >= r["target"])

@@ -69,7 +69,7 @@ def _small_easy_vqa(tmp: Path, images: int) -> tuple[Path, Path, object]:
     return feats, corp, recipe
 
 
-def bench_pipeline(reps: int, steps: int = 8, images: int = 400) -> dict:
+def bench_pipeline(reps: int, steps: int = 8, images: int = 640) -> dict:
     """Training steps/s with the real data loader / on the same batches pre-collated in memory.
 
     The model, batch size and loader settings are the tiny recipe's pre-training ones.
