@@ -688,3 +688,17 @@ def test_real_features_and_batching(yolo: Detector) -> None:
     assert torch.equal(batch[0].class_ids, single.class_ids)
     torch.testing.assert_close(batch[0].boxes, single.boxes, atol=1e-2, rtol=1e-4)
     assert batch[0].feature_map is not None and batch[0].feature_map.shape == (1024, 13, 13)
+
+
+def test_heads_sub_batches_and_in_place_activations_change_nothing(tiny_files) -> None:
+    cfg, weights, names, _ = tiny_files
+    detector = Detector.from_darknet(cfg, weights, names, input_size=64)
+    x = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.enable_grad():  # out-of-place activations, the whole batch in one forward
+        x_ref = x.clone().requires_grad_(True)
+        reference = detector.model(x_ref).detections.detach()
+    heads = detector.heads(x)  # inference mode: in place, in sub-batches of CPU_SUB_BATCH
+    assert Detector.CPU_SUB_BATCH < len(x)
+    assert heads.shape == reference.shape
+    torch.testing.assert_close(heads, reference, atol=1e-6, rtol=1e-5)
+    assert torch.equal(x, torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)))

@@ -171,19 +171,23 @@ def parse_cfg(path: PathLike) -> list[CfgSection]:
 
 
 def _activation(name: str, section: CfgSection) -> Callable[[torch.Tensor], torch.Tensor]:
-    if name == "leaky":
-        return lambda x: F.leaky_relu(x, LEAKY_SLOPE)
+    """The activation `name`; it works in place on its (always freshly computed) input when
+    autograd is off: a new output buffer per layer costs YOLOv3-tiny about a fifth of its CPU
+    time at 416x416 (the buffers are large, freshly mapped and page-faulted)."""
     if name == "linear":
         return lambda x: x
-    if name == "logistic":
-        return torch.sigmoid
-    if name == "relu":
-        return F.relu
-    if name == "mish":
-        return F.mish
-    if name == "swish":
-        return F.silu
-    raise DarknetError(f"{section.where()}: unsupported activation={name!r}")
+    fns: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
+        "leaky": (lambda x: F.leaky_relu(x, LEAKY_SLOPE),
+                  lambda x: F.leaky_relu_(x, LEAKY_SLOPE)),
+        "logistic": (torch.sigmoid, torch.sigmoid_),
+        "relu": (F.relu, F.relu_),
+        "mish": (F.mish, lambda x: F.mish(x, inplace=True)),
+        "swish": (F.silu, lambda x: F.silu(x, inplace=True)),
+    }
+    if name not in fns:
+        raise DarknetError(f"{section.where()}: unsupported activation={name!r}")
+    out_of_place, in_place = fns[name]
+    return lambda x: out_of_place(x) if torch.is_grad_enabled() else in_place(x)
 
 
 class DarknetConv(nn.Module):

@@ -385,6 +385,19 @@ class Detector:
             infos.append(info)
         return torch.stack(tensors), infos
 
+    # Images per forward on CPU. Smaller sub-batches are faster there, not slower: a 64-image
+    # batch at 416x416 makes 700 MB activation buffers that are freshly mapped (page faults)
+    # and never in cache; 2 images run YOLOv3-tiny ~20% faster (measured on 2 cores). GPUs take the whole batch.
+    CPU_SUB_BATCH = 2
+
+    @torch.inference_mode()
+    def heads(self, batch: torch.Tensor) -> torch.Tensor:
+        """The raw head outputs [B, M, 5 + C] (on CPU) of a letterboxed [B, 3, H, W] batch."""
+        step = self.CPU_SUB_BATCH if self.device.type == "cpu" else len(batch)
+        outs = [self.model(batch[i:i + step].to(self.device)).detections
+                for i in range(0, len(batch), max(step, 1))]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to("cpu")
+
     @torch.inference_mode()
     def detect(
         self,

@@ -174,9 +174,9 @@ class Extractor:
         if self.detector is not None:
             with one_torch_thread():
                 batch = torch.stack([x.letterboxed[0] for x in items])  # type: ignore[index]
-            out = self.detector.model(batch.to(self.detector.device))
+            heads = self.detector.heads(batch)
             with one_torch_thread():
-                dets = self._detections(out.detections, items)
+                dets = self._detections(heads, items)
         with one_torch_thread():
             return [self._regions(x, fm, d) for x, fm, d in zip(items, fmaps, dets)]
 

@@ -162,7 +162,7 @@ def _extract_part(files: list[tuple[str, Path]], cfg: ExtractCfg, reps: int,
             for images in b.backbone_inputs:
                 extractor.backbone(images)
             if b.detector_input is not None:
-                extractor.detector.model(b.detector_input)
+                extractor.detector.heads(b.detector_input)
         return sum(b.images for b in batches) / (time.perf_counter() - start)
 
     rates = interleave({"pipeline": pipeline, "forward": forward}, reps)
