@@ -147,7 +147,13 @@ def test_store_read_bench_is_well_formed() -> None:
     assert set(r) >= {"ratio", "target", "met", "ratios", "parts", "direction"}
     part = r["parts"]["small"]
     assert len(part["ratios"]) == 1 and part["ratio"] > 0
-    assert part["vlp_per_s"] > 0 and part["uniter_per_s"] > 0 and part["memmap_per_s"] > 0
+    assert part["vlp_per_s"] > 0 and part["uniter_per_s"] > 0
+    assert set(part["per_s"]) == {"vlp", "uniter", "uniter_code", "memmap", "vlp_copy",
+                                  "uniter_copy", "memmap_copy"}
+    assert all(v > 0 for v in part["per_s"].values())
+    for name in ("over_uniter_code", "over_memmap", "memmap_over_uniter"):
+        assert part[name]["ratio"] > 0 and len(part[name]["ratios"]) == 1
+    assert part["copy_path"]["over_uniter"]["ratio"] > 0
     assert part["records"] == 12 and part["reads_per_rep"] == 20
     assert r["ratio"] == part["ratio"] and r["met"] == part["met"]
 
@@ -285,3 +291,30 @@ def test_pipeline_bench_is_well_formed() -> None:
     r = bench_pipeline(reps=1, steps=2, images=200)
     assert r["loader_per_s"] > 0 and r["in_memory_per_s"] > 0 and len(r["ratios"]) == 1
     assert r["met"] == (r["ratio"] >= r["target"])
+
+
+def test_store_read_arms_fill_the_same_batch_slot(tmp_path: Path) -> None:
+    """vlp's loader read, UNITER's data.py read and the memmap read hand the model the same
+    regions: identical float32 features, positions equal up to UNITER's float16 norm_bb."""
+    from vlp_cli.data.datasets import rows_into
+    from vlp_cli.stores.features import position_features
+
+    records = synthetic_records(5, SMALL, seed=7)
+    store, uniter, mm = _stores(tmp_path, records, SMALL)
+    try:
+        for key, r in records:
+            got = store.get_selected(key, *SELECTION, copy=False)
+            assert not got.features.flags.writeable  # a view into the store
+            feats = torch.zeros(len(got), SMALL.dim)
+            rows_into(feats, got.features)
+            pos = position_features(got.boxes, got.width, got.height)
+            u_feats, u_pos = uniter.read_like_uniter(key)
+            assert u_feats.dtype == torch.float32 and u_pos.shape == (len(got), 7)
+            assert torch.equal(feats, u_feats)
+            assert torch.equal(feats, torch.from_numpy(got.features.astype(np.float32)))
+            np.testing.assert_allclose(u_pos.numpy(), pos, rtol=2e-3, atol=1e-3)
+            m = mm.get_selected(key, *SELECTION)
+            np.testing.assert_array_equal(position_features(m.boxes, m.width, m.height), pos)
+    finally:
+        uniter.close()
+        store.close()

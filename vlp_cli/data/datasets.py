@@ -6,6 +6,8 @@ run is reproducible whatever the number of DataLoader workers.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Any
 
 import numpy as np
@@ -187,6 +189,32 @@ class CaptionDataset(_Base):
         return item
 
 
+@functools.cache
+def _quiet_read_only_views() -> None:
+    """Spend torch's once-per-process "array is not writable" warning here, silenced.
+
+    Regions reach the collator as read-only views into the feature store's memory map; torch
+    only reads them (`copy_` into the batch), so the warning, which is about writing, does not
+    apply.
+    """
+    ro = np.zeros(1, np.float16)
+    ro.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(ro)
+
+
+def rows_into(dst: torch.Tensor, src: np.ndarray) -> None:
+    """`dst[...] = src` in one pass, converting the dtype (float16 regions -> float32 batch).
+
+    `src` may be a read-only view into a store. torch's vectorised conversion is ~5x faster
+    than numpy's float16 -> float32 `astype` (which, with a copy after it, used to be most of
+    a read of a 50 x 2048 record).
+    """
+    _quiet_read_only_views()
+    dst.copy_(torch.from_numpy(src))
+
+
 class Collator:
     """Pads items into a batch: text [B, T], regions [B, R, F]; builds masks and targets."""
 
@@ -215,8 +243,8 @@ class Collator:
             valid = x.get("text_valid")
             text_mask[i, :n] = True if valid is None else torch.as_tensor(valid, dtype=torch.bool)
             if k:
-                feats[i, :k] = torch.from_numpy(np.asarray(x["feats"], dtype=np.float32))
-                pos[i, :k] = torch.from_numpy(np.asarray(x["pos"], dtype=np.float32))
+                rows_into(feats[i, :k], x["feats"])
+                rows_into(pos[i, :k], x["pos"])
                 img_mask[i, :k] = True
         batch = {"input_ids": ids, "token_type_ids": types, "text_mask": text_mask,
                  "img_feats": feats, "img_pos": pos, "img_mask": img_mask}

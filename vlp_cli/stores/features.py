@@ -112,40 +112,64 @@ def _header(buf: bytes | memoryview) -> tuple[int, int, int, int, int, int]:
     return flags, k, d, c, width, height
 
 
+# Byte offsets of (feats, boxes, cls, conf, probs, image) by (K, D, C): a store holds few
+# distinct shapes, and a read then costs one header unpack and one view per array.
+_LAYOUTS: dict[tuple[int, int, int], tuple[int, int, int, int, int, int]] = {}
+
+
+def _layout(k: int, d: int, c: int) -> tuple[int, int, int, int, int, int]:
+    found = _LAYOUTS.get((k, d, c))
+    if found is None:
+        feats = HEADER.size
+        boxes = feats + _pad8(k * d * 2)
+        cls = boxes + _pad8(k * 16)
+        conf = cls + _pad8(k * 4)
+        probs = conf + _pad8(k * 4)
+        image = probs + _pad8(k * c * 2)  # c is 0 without class distributions
+        if len(_LAYOUTS) < 4096:
+            _LAYOUTS[(k, d, c)] = found = (feats, boxes, cls, conf, probs, image)
+        else:
+            found = (feats, boxes, cls, conf, probs, image)
+    return found
+
+
 def _confidences(buf: bytes | memoryview) -> np.ndarray:
     """A record's [K] confidences, read in place (a view over `buf`), nothing else parsed."""
-    _, k, d, _, _, _ = _header(buf)
-    # Offsets as in decode_regions: header, features, boxes, class ids, then confidences.
-    off = HEADER.size + _pad8(k * d * 2) + _pad8(k * 16) + _pad8(k * 4)
-    return np.frombuffer(buf, np.float32, k, off)
+    _, k, d, c, _, _ = _header(buf)
+    return np.ndarray((k,), np.float32, buf, _layout(k, d, c)[3])
 
 
-def decode_regions(buf: bytes | memoryview, limit: int | None = None,
-                   copy: bool = True) -> Regions:
-    """Parse one record; `limit` reads only the first `limit` regions' features."""
-    flags, k, d, c, width, height = _header(buf)
-    n = k if limit is None else min(k, limit)
-    off = HEADER.size
-    feats = np.frombuffer(buf, np.float16, n * d, off).reshape(n, d)
-    off += _pad8(k * d * 2)
-    boxes = np.frombuffer(buf, np.float32, n * 4, off).reshape(n, 4)
-    off += _pad8(k * 16)
-    cls = np.frombuffer(buf, np.int32, n, off)
-    off += _pad8(k * 4)
-    conf = np.frombuffer(buf, np.float32, n, off)
-    off += _pad8(k * 4)
-    probs = image = None
-    if flags & FLAG_PROBS:
-        probs = np.frombuffer(buf, np.float16, n * c, off).reshape(n, c)
-        off += _pad8(k * c * 2)
-    if flags & FLAG_IMAGE:
-        image = np.frombuffer(buf, np.float16, d, off)
-    r = Regions(feats, boxes, cls, conf, width, height, probs, image)
+def decode_regions(buf: bytes | memoryview, limit: int | None = None, copy: bool = True,
+                   select: tuple[float, int, int] | None = None) -> Regions:
+    """Parse one record.
+
+    Args:
+        buf: the record's bytes (or a view into the store's memory map).
+        limit: keep only the first `limit` regions (the most confident).
+        copy: copy the arrays out of `buf`; otherwise they are read-only views over it.
+        select: (conf_th, min_boxes, max_boxes): keep what `select_count` keeps.
+    """
+    magic, version, flags, k, d, c, width, height, _ = HEADER.unpack_from(buf, 0)
+    if magic != MAGIC or version != SCHEMA_VERSION:
+        _header(buf)  # raises the error that says which
+    lay = _layout(k, d, c)
+    n = k
+    if select is not None:
+        n = select_count(np.ndarray((k,), np.float32, buf, lay[3]), *select)
+    if limit is not None:
+        n = min(n, limit)
+    # np.ndarray over the buffer: a view, like np.frombuffer + reshape in one call.
+    feats = np.ndarray((n, d), np.float16, buf, lay[0])
+    boxes = np.ndarray((n, 4), np.float32, buf, lay[1])
+    cls = np.ndarray((n,), np.int32, buf, lay[2])
+    conf = np.ndarray((n,), np.float32, buf, lay[3])
+    probs = np.ndarray((n, c), np.float16, buf, lay[4]) if flags & FLAG_PROBS else None
+    image = np.ndarray((d,), np.float16, buf, lay[5]) if flags & FLAG_IMAGE else None
     if copy:  # LMDB buffers die with their transaction
-        r = Regions(feats.copy(), boxes.copy(), cls.copy(), conf.copy(), width, height,
-                    None if probs is None else probs.copy(),
-                    None if image is None else image.copy())
-    return r
+        return Regions(feats.copy(), boxes.copy(), cls.copy(), conf.copy(), width, height,
+                       None if probs is None else probs.copy(),
+                       None if image is None else image.copy())
+    return Regions(feats, boxes, cls, conf, width, height, probs, image)
 
 
 def read_header(buf: bytes | memoryview) -> tuple[int, int]:
@@ -167,16 +191,17 @@ def position_features(boxes: np.ndarray, width: int, height: int,
     oscar6:  x1/W, y1/H, x2/W, y2/H, w/W, h/H (Oscar's 6 numbers after the 2048-d feature).
     uniter7: the same plus the normalised area w*h (UNITER's 7-d position).
     """
-    b = np.asarray(boxes, dtype=np.float32)
-    w, h = float(max(width, 1)), float(max(height, 1))
-    x1, y1, x2, y2 = b[:, 0] / w, b[:, 1] / h, b[:, 2] / w, b[:, 3] / h
-    bw, bh = x2 - x1, y2 - y1
-    cols = [x1, y1, x2, y2, bw, bh]
-    if kind == "uniter7":
-        cols.append(bw * bh)
-    elif kind != "oscar6":
+    if kind not in ("oscar6", "uniter7"):
         raise ValueError(f"unknown position kind {kind!r}")
-    return np.stack(cols, axis=1).astype(np.float32)
+    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    out = np.empty((len(b), 7 if kind == "uniter7" else 6), np.float32)
+    # Written in place, column blocks at once: a read calls this per image (float32 throughout).
+    size = np.array([max(width, 1), max(height, 1)] * 2, np.float32)
+    np.divide(b, size, out=out[:, :4])
+    np.subtract(out[:, 2:4], out[:, :2], out=out[:, 4:6])
+    if kind == "uniter7":
+        np.multiply(out[:, 4], out[:, 5], out=out[:, 6])
+    return out
 
 
 def fingerprint(obj: Any) -> str:
@@ -297,22 +322,16 @@ class FeatureStore:
         until `close()` in this process): nothing is copied until the caller consumes them,
         which is how the data loader reads.
         """
+        select = (conf_th, min_boxes, max_boxes)
         if not copy:
             k = key.encode()
             for r in self._readers:
                 buf = r.view(k)
                 if buf is not None:
-                    n = select_count(_confidences(buf), conf_th, min_boxes, max_boxes)
-                    return decode_regions(buf, limit=n, copy=False)
+                    return decode_regions(buf, copy=False, select=select)
             raise KeyError(key)
-
-        def pick(buf: Any) -> Regions:
-            # Only the confidences decide the count: reading them alone, rather than parsing
-            # the whole record twice, takes a sixth off a read of a 36 x 1280 record.
-            n = select_count(_confidences(buf), conf_th, min_boxes, max_boxes)
-            return decode_regions(buf, limit=n)
-
-        return self._read(key, pick)
+        # Only the confidences decide the count, read in place before anything is copied.
+        return self._read(key, lambda buf: decode_regions(buf, select=select))
 
     def records(self) -> Iterator[tuple[str, Regions]]:
         """Every (key, regions) in storage order (no copies kept: stream, don't hold)."""

@@ -61,8 +61,11 @@ class LazyReader:
 
     def view(self, key: bytes) -> memoryview | None:
         """A zero-copy view of a value, valid until this store is closed in this process."""
-        self._handles()
-        return _OPEN[(self._id, os.getpid())][3].get(key)
+        found = _OPEN.get((self._id, os.getpid()))  # the hot path: one lookup
+        if found is None:
+            self._handles()
+            found = _OPEN[(self._id, os.getpid())]
+        return found[3].get(key)
 
     def begin(self) -> lmdb.Transaction:
         env, data, _ = self._handles()

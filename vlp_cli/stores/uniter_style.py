@@ -133,6 +133,24 @@ class UniterStyleReader:
         n = select_count(conf, self.conf_th, self.min_boxes, self.max_boxes)
         return {name: a[:n].copy() if copy else a[:n] for name, a in arrays.items()}
 
+    def read_like_uniter(self, key: str) -> tuple[Any, Any]:
+        """One image's (features, 7-d positions) as float32 tensors, the way UNITER's
+        data/data.py does it: `DetectFeatLmdb.__getitem__` (msgpack unpack, `torch.tensor(a[:nbb])
+        .float()` of features and norm_bb) then `_get_img_feat` (area appended by `torch.cat`).
+        The count comes from `select_count` where UNITER looks it up in its name2nbb table.
+        """
+        import torch
+
+        buf = self._txn.get(key.encode("utf-8"))
+        if buf is None:
+            raise KeyError(key)
+        dump = unpack_record(buf)
+        nbb = select_count(dump["conf"].astype(np.float32), self.conf_th, self.min_boxes,
+                           self.max_boxes)
+        img_feat = torch.tensor(dump["features"][:nbb, :]).float()
+        bb = torch.tensor(dump["norm_bb"][:nbb, :]).float()
+        return img_feat, torch.cat([bb, bb[:, 4:5] * bb[:, 5:]], dim=-1)
+
     def close(self) -> None:
         """End the transaction and close the environment."""
         self._txn.abort()
