@@ -701,4 +701,5 @@ def test_heads_sub_batches_and_in_place_activations_change_nothing(tiny_files) -
     assert Detector.CPU_SUB_BATCH < len(x)
     assert heads.shape == reference.shape
     torch.testing.assert_close(heads, reference, atol=1e-6, rtol=1e-5)
+    assert torch.equal(detector.heads(list(x)), heads)  # images stacked per sub-batch
     assert torch.equal(x, torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)))

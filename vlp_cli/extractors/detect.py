@@ -141,10 +141,25 @@ def letterbox(
         chw = F.interpolate(
             chw, size=(info.new_h, info.new_w), mode="bilinear", align_corners=False, antialias=True
         )
-    chw = chw.float().div_(255.0)
-    canvas = torch.full((3, net_h, net_w), PAD_VALUE, dtype=torch.float32)
-    canvas[:, info.pad_y : info.pad_y + info.new_h, info.pad_x : info.pad_x + info.new_w] = chw[0]
-    return canvas, info
+    return place_on_canvas(chw[0], info), info
+
+
+def place_on_canvas(chw: torch.Tensor, info: LetterboxInfo) -> torch.Tensor:
+    """The [3, net_h, net_w] float input: a resized uint8 [3, new_h, new_w] image at its
+    letterbox place, scaled to [0, 1], grey (PAD_VALUE) around it.
+
+    The image is converted straight into the canvas and only the borders are filled: no
+    intermediate float copy and no fill under the image (this runs once per image).
+    """
+    canvas = torch.empty((3, info.net_h, info.net_w), dtype=torch.float32)
+    y0, y1 = info.pad_y, info.pad_y + info.new_h
+    x0, x1 = info.pad_x, info.pad_x + info.new_w
+    canvas[:, :y0].fill_(PAD_VALUE)
+    canvas[:, y1:].fill_(PAD_VALUE)
+    canvas[:, y0:y1, :x0].fill_(PAD_VALUE)
+    canvas[:, y0:y1, x1:].fill_(PAD_VALUE)
+    canvas[:, y0:y1, x0:x1].copy_(chw).div_(255.0)
+    return canvas
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,11 +406,20 @@ class Detector:
     CPU_SUB_BATCH = 2
 
     @torch.inference_mode()
-    def heads(self, batch: torch.Tensor) -> torch.Tensor:
-        """The raw head outputs [B, M, 5 + C] (on CPU) of a letterboxed [B, 3, H, W] batch."""
+    def heads(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The raw head outputs [B, M, 5 + C] (on CPU) of letterboxed images.
+
+        Args:
+            batch: a [B, 3, H, W] batch, or B [3, H, W] images (stacked here a sub-batch at a
+                time, so a whole batch of network inputs is never copied into one tensor).
+        """
         step = self.CPU_SUB_BATCH if self.device.type == "cpu" else len(batch)
-        outs = [self.model(batch[i:i + step].to(self.device)).detections
-                for i in range(0, len(batch), max(step, 1))]
+        step = max(step, 1)
+        outs = []
+        for i in range(0, len(batch), step):
+            part = batch[i:i + step]
+            x = part if isinstance(part, torch.Tensor) else torch.stack(list(part))
+            outs.append(self.model(x.to(self.device)).detections)
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).to("cpu")
 
     @torch.inference_mode()

@@ -323,7 +323,7 @@ def letterbox_decoded(rgb: np.ndarray, width: int, height: int,
     """
     import torch.nn.functional as F
 
-    from vlp_cli.extractors.detect import PAD_VALUE, letterbox, letterbox_info
+    from vlp_cli.extractors.detect import letterbox, letterbox_info, place_on_canvas
 
     if rgb.shape[:2] == (height, width):
         return letterbox(rgb, net)
@@ -331,10 +331,7 @@ def letterbox_decoded(rgb: np.ndarray, width: int, height: int,
     chw = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)
     chw = F.interpolate(chw, size=(info.new_h, info.new_w), mode="bilinear",
                         align_corners=False, antialias=True)
-    canvas = torch.full((3, info.net_h, info.net_w), PAD_VALUE, dtype=torch.float32)
-    canvas[:, info.pad_y: info.pad_y + info.new_h, info.pad_x: info.pad_x + info.new_w] = (
-        chw[0].float().div_(255.0))
-    return canvas, info
+    return place_on_canvas(chw[0], info), info
 
 
 class ImageFolder(Dataset):
@@ -373,11 +370,13 @@ class ImageFolder(Dataset):
             # one, so that it never depends on the decode path.
             w, h = resize_shape(width, height, self.min_size, self.max_size)
             small = im.resize((w, h), Image.Resampling.BILINEAR)
-            t = torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            # uint8 HWC -> float CHW in one pass (copy_ converts while it transposes).
+            t = torch.empty((3, h, w), dtype=torch.float32).copy_(
+                torch.from_numpy(np.array(small, dtype=np.uint8)).permute(2, 0, 1)).div_(255.0)
             rgb = np.array(im, dtype=np.uint8) if self.letterbox or self.keep_rgb else None
             boxed = (letterbox_decoded(rgb, width, height, self.letterbox)  # type: ignore[arg-type]
                      if self.letterbox else None)
-            return Decoded(key, t.float().div_(255.0), width, height, letterboxed=boxed,
+            return Decoded(key, t, width, height, letterboxed=boxed,
                            rgb=rgb if self.keep_rgb else None)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is reported, not raised
             return Decoded(key, None, 0, 0, error_text(exc))

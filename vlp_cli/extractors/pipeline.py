@@ -166,15 +166,15 @@ class Extractor:
             groups.setdefault(tuple(x.image.shape), []).append(i)  # type: ignore[union-attr]
         for idx in groups.values():
             with one_torch_thread():
-                batch = torch.stack([items[i].image for i in idx])  # type: ignore[misc]
+                batch = (items[idx[0]].image[None] if len(idx) == 1  # type: ignore[index]
+                         else torch.stack([items[i].image for i in idx]))  # type: ignore[misc]
             out_maps = self.backbone(batch)
             for i, fm in zip(idx, out_maps):
                 fmaps[i] = fm
         dets: list[Any] = [None] * len(items)
         if self.detector is not None:
-            with one_torch_thread():
-                batch = torch.stack([x.letterboxed[0] for x in items])  # type: ignore[index]
-            heads = self.detector.heads(batch)
+            # Stacked a sub-batch at a time inside heads(): no copy of the whole batch.
+            heads = self.detector.heads([x.letterboxed[0] for x in items])  # type: ignore[index]
             with one_torch_thread():
                 dets = self._detections(heads, items)
         with one_torch_thread():
