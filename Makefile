@@ -35,7 +35,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 bench: install
-	$(VLP) bench pipeline
+	$(VLP) bench all   # every registered bench, about 12 minutes on 2 cores
 
 demo: install
 	@mkdir -p $(DEMO_DIR)

@@ -70,3 +70,28 @@ def test_schedule_warmup_then_linear_decay() -> None:
     assert [round(f(s), 3) for s in range(11)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5,
                                                    0.375, 0.25, 0.125, 0.0]
     assert tiny_recipe_obj().pretrain.train.steps == 3
+
+
+def test_same_seed_same_weights(tiny_data: dict, tmp_path: Path) -> None:
+    """A recipe's seed fixes the run: new heads' initial values included (they are drawn
+    when the model is built, before the training loop seeds itself)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from vlp_cli.config import load_recipe
+    from vlp_cli.stages import finetune
+
+    outs = []
+    for name in ("a", "b"):
+        pre = tmp_path / f"pre-{name}"
+        _run_pretrain(tiny_data, pre, steps=2)
+        torch.manual_seed(len(name) + ord(name))  # whatever ran before must not matter
+        from conftest import tiny_recipe_sets
+
+        recipe = load_recipe("tiny", tiny_recipe_sets() + ["vqa.train.steps=2"])
+        vqa = tmp_path / f"vqa-{name}"
+        finetune.run("vqa", pre, tiny_data["corpus"], tiny_data["features"], vqa, recipe)
+        outs.append((load_file(pre / "model.safetensors"), load_file(vqa / "model.safetensors")))
+    for a, b in zip(*outs):
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)

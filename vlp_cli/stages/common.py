@@ -22,6 +22,19 @@ class Inputs:
     features: FeatureStore
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch before a stage makes anything random.
+
+    New parameters (the image embedder and heads in pre-training, a fresh VQA head in
+    fine-tuning) take their initial values from torch's global generator when the model is
+    built, before the training loop seeds itself: without this, two runs of one recipe
+    started from different weights.
+    """
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
 def open_inputs(corpus: Path, features: Path) -> Inputs:
     """Open a corpus and a feature store and check that the corpus was built on these features."""
     c = Corpus(corpus)

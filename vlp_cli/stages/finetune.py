@@ -15,6 +15,7 @@ from vlp_cli.stages.common import (
     features_meta,
     open_checkpoint_inputs,
     prepare_out,
+    seed_everything,
 )
 from vlp_cli.tasks import caption_step, retrieval_step, vqa_step
 from vlp_cli.training import train
@@ -29,6 +30,7 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, out: Path, re
     if task not in TASKS:
         raise VlpError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     quiet_transformers()
+    seed_everything(recipe.seed)
     o = open_checkpoint_inputs(checkpoint, corpus, features)
     model, tok, src_meta, c, store = o.model, o.tokenizer, o.meta, o.corpus, o.features
     if src_meta.get("task") not in (None, "pretrain", task):

@@ -18,6 +18,7 @@ from vlp_cli.stages.common import (
     features_meta,
     open_inputs,
     prepare_out,
+    seed_everything,
 )
 from vlp_cli.tasks import pretrain_step
 from vlp_cli.training import train
@@ -31,6 +32,7 @@ def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = 
     from vlp_cli.model import VLPModel
 
     quiet_transformers()
+    seed_everything(recipe.seed)
     cfg = recipe.pretrain
     inputs = open_inputs(corpus, features)
     c, store = inputs.corpus, inputs.features
