@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	@# when no torch is present, keep whatever torch is already there otherwise.
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	@# setuptools leaves its build record beside the sources; the install does not need it.
+	@rm -rf vlp.egg-info
 	$(PY) -m pip install -q --no-deps $(ASSETS_NODEPS)
 	@touch $(STAMP)
 

@@ -402,7 +402,8 @@ class Detector:
 
     # Images per forward on CPU. Smaller sub-batches are faster there, not slower: a 64-image
     # batch at 416x416 makes 700 MB activation buffers that are freshly mapped (page faults)
-    # and never in cache; 2 images run YOLOv3-tiny ~20% faster (measured on 2 cores). GPUs take the whole batch.
+    # and never in cache; 2 images run YOLOv3-tiny ~20% faster (measured on 2 cores). GPUs
+    # take the whole batch.
     CPU_SUB_BATCH = 2
 
     @torch.inference_mode()

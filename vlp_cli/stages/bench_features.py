@@ -102,7 +102,6 @@ class _ForwardBatch:
 
     backbone_inputs: list[torch.Tensor]
     detector_input: torch.Tensor | None
-    images: int
 
 
 def _predecode(files: list[tuple[str, Path]], extractor: Any, cfg: ExtractCfg,
@@ -124,8 +123,7 @@ def _predecode(files: list[tuple[str, Path]], extractor: Any, cfg: ExtractCfg,
             groups.setdefault(tuple(x.image.shape), []).append(x.image)
         det = (torch.stack([x.letterboxed[0] for x in items])
                if extractor.detector is not None else None)
-        batches.append(_ForwardBatch([torch.stack(g) for g in groups.values()], det,
-                                     len(items)))
+        batches.append(_ForwardBatch([torch.stack(g) for g in groups.values()], det))
     return batches
 
 
