@@ -31,7 +31,7 @@ def test_pretrain_writes_checkpoint_and_resumes(tiny_data: dict, tmp_path: Path)
     meta = read_meta(out)
     assert meta["task"] == "pretrain" and meta["step"] == 2
     assert meta["features"]["feature_dim"] == 16
-    assert (out / "state" / "progress.json").is_file()
+    assert (out / "state" / "step-00000002" / "manifest.json").is_file()
     with pytest.raises(VlpError, match="--resume"):
         _run_pretrain(tiny_data, out, steps=4)
     _run_pretrain(tiny_data, out, steps=4, resume=True)

@@ -8,3 +8,5 @@ class VlpError(Exception):
 
     The message should name the file, key or field at fault and what to do about it.
     """
+
+    exit_code = 1

@@ -7,8 +7,9 @@
       recipe.yaml          the resolved recipe that produced it
       meta.json            vlp version, task, step, corpus fingerprint, the feature store's
                            extractor identity and dimension, answer vocabulary (vqa)
+      manifest.json        size and xxh3-128 of each file above, written last (vlp verify)
       metrics.jsonl        training log
-      state/               accelerate training state, for --resume
+      state/               training states for --resume (runstate.py: safetensors + JSON)
 
 A later stage reads meta.json to check that it is fed matching features, or to extract
 matching features from raw images.
@@ -27,6 +28,8 @@ from vlp_cli import VlpError, __version__
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 META = "meta.json"
+MANIFEST = "manifest.json"
+PARTIAL = ".checkpoint-partial"
 
 
 def quiet_transformers() -> None:
@@ -73,25 +76,58 @@ def is_checkpoint(path: str | Path) -> bool:
 
 def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, meta: dict,
                     recipe: Any | None = None) -> Path:
-    """Write config, weights, tokenizer, recipe and meta into `directory`."""
+    """Write config, weights, tokenizer, recipe, meta and a manifest of their hashes.
+
+    Every file is written complete into `directory/.checkpoint-partial/` and then moved into
+    place, the manifest last: a kill leaves whole files, and a mix of two saves is caught by
+    the manifest (`vlp verify`, and every load).
+    """
+    import shutil
+
     from safetensors.torch import save_file
 
     from vlp_cli.config import save_recipe
+    from vlp_cli.runstate import fsync_dir, write_manifest
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    tmp = out / PARTIAL
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "vlp_version": __version__})
-    tmp.replace(out / WEIGHTS)  # never a half-written weights file under the real name
-    (out / CONFIG).write_text(json.dumps({"model_type": "vlp", **model.config.to_dict()},
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "vlp_version": __version__})
+    (tmp / CONFIG).write_text(json.dumps({"model_type": "vlp", **model.config.to_dict()},
                                          indent=2), encoding="utf-8")
-    tokenizer.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(tmp))
     if recipe is not None:
-        save_recipe(recipe, out)
+        save_recipe(recipe, tmp)
     full = {"vlp_version": __version__, "saved": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta}
-    (out / META).write_text(json.dumps(full, indent=2), encoding="utf-8")
+    (tmp / META).write_text(json.dumps(full, indent=2), encoding="utf-8")
+    files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+    for name in files:
+        with (tmp / name).open("rb+") as f:
+            os.fsync(f.fileno())
+    write_manifest(tmp, files)
+    for name in files:
+        os.replace(tmp / name, out / name)
+    os.replace(tmp / MANIFEST, out / MANIFEST)
+    fsync_dir(out)
+    tmp.rmdir()
     return out
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VlpError(f"{path} is missing: {what} is incomplete") from None
+    except (ValueError, UnicodeDecodeError):
+        raise VlpError(f"{path} is damaged (not valid JSON): {what} cannot be used; run "
+                       f"`vlp verify {path.parent}`") from None
+    if not isinstance(data, dict):
+        raise VlpError(f"{path} is damaged (not a JSON object)")
+    return data
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -99,27 +135,99 @@ def read_meta(directory: str | Path) -> dict:
     if not is_checkpoint(p):
         raise VlpError(f"{p} is not a vlp checkpoint directory (needs {CONFIG} and {META}); "
                        "pass the --out of `vlp pretrain` or `vlp finetune`")
-    return json.loads((p / META).read_text(encoding="utf-8"))
+    return _read_json(p / META, f"checkpoint {p}")
+
+
+def checkpoint_fingerprint(directory: str | Path) -> str:
+    """Identifies a checkpoint's contents (its manifest, or its meta for older ones)."""
+    import xxhash
+
+    p = Path(directory)
+    src = p / MANIFEST if (p / MANIFEST).is_file() else p / META
+    return xxhash.xxh3_64_hexdigest(src.read_bytes()) if src.is_file() else ""
+
+
+def verify_checkpoint(directory: str | Path) -> dict:
+    """Check every file of a checkpoint against its manifest, and its weights for NaN/inf.
+
+    Returns a report; raises VlpError naming the first problem.
+    """
+    from vlp_cli.runstate import check_manifest
+
+    p = Path(directory)
+    read_meta(p)
+    report: dict[str, Any] = {"kind": "checkpoint", "path": str(p)}
+    if (p / MANIFEST).is_file():
+        manifest = check_manifest(p, f"checkpoint {p}")
+        report["files_checked"] = len(manifest["files"])
+    else:
+        report["files_checked"] = 0
+        report["note"] = "written before vlp kept manifests: file hashes cannot be checked"
+    state = _load_weights(p)
+    report["tensors"] = len(state)
+    report["non_finite_tensors"] = _non_finite(state)
+    if report["non_finite_tensors"]:
+        raise VlpError(f"{p / WEIGHTS} holds non-finite values (NaN or inf) in "
+                       f"{report['non_finite_tensors'][0]}: the run that wrote it diverged")
+    states = sorted((p / "state").glob("step-*")) if (p / "state").is_dir() else []
+    for s in states:
+        check_manifest(s, f"training state {s}")
+    report["training_states_checked"] = len(states)
+    report["ok"] = True
+    return report
+
+
+def _load_weights(p: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not (p / WEIGHTS).is_file():
+        raise VlpError(f"{p / WEIGHTS} is missing: the checkpoint is incomplete")
+    try:
+        return load_file(str(p / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VlpError(f"{p / WEIGHTS} is damaged ({str(exc).splitlines()[0][:100]}): "
+                       "fine-tune or pre-train it again, or restore it") from None
+
+
+def _non_finite(state: dict) -> list[str]:
+    import torch
+
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(
+        torch.isfinite(v).all())]
 
 
 def load_checkpoint(directory: str | Path) -> tuple[Any, Any, dict]:
-    """(model, tokenizer, meta) from a checkpoint directory; weights via safetensors only."""
-    from safetensors.torch import load_file
+    """(model, tokenizer, meta) from a checkpoint directory; weights via safetensors only.
+
+    The files are checked against the manifest first, and weights holding NaN or inf are
+    refused: a diverged run must not be evaluated into plausible numbers.
+    """
+    import logging
 
     from vlp_cli.model import ModelConfig, VLPModel
+    from vlp_cli.runstate import check_manifest
 
     p = Path(directory)
     meta = read_meta(p)
-    raw = json.loads((p / CONFIG).read_text(encoding="utf-8"))
+    if (p / MANIFEST).is_file():
+        check_manifest(p, f"checkpoint {p}")
+    else:
+        logging.getLogger(__name__).info("%s has no manifest (written by an older vlp): its "
+                                         "files cannot be checked for damage", p)
+    raw = _read_json(p / CONFIG, f"checkpoint {p}")
     raw.pop("model_type", None)
     try:
         cfg = ModelConfig(**raw)
-    except TypeError as exc:
+    except (TypeError, ValueError, KeyError) as exc:
         raise VlpError(f"{p / CONFIG}: not a vlp model config ({exc})")
     model = VLPModel(cfg)
-    if not (p / WEIGHTS).is_file():
-        raise VlpError(f"{p / WEIGHTS} is missing: the checkpoint is incomplete")
-    state = load_file(str(p / WEIGHTS))
+    state = _load_weights(p)
+    bad = _non_finite(state)
+    if bad:
+        raise VlpError(f"{p / WEIGHTS} holds non-finite values (NaN or inf) in {bad[0]} and "
+                       f"{len(bad) - 1} more tensors: the run that wrote it diverged; it is "
+                       "not used")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise VlpError(f"{p / WEIGHTS} does not match {p / CONFIG}: missing "
@@ -134,15 +242,21 @@ def describe(directory: str | Path) -> dict:
 
     p = Path(directory)
     meta = read_meta(p)
-    cfg = json.loads((p / CONFIG).read_text(encoding="utf-8"))
+    cfg = _read_json(p / CONFIG, f"checkpoint {p}")
+    from safetensors import SafetensorError
+
     n = 0
-    with safe_open(str(p / WEIGHTS), framework="pt") as f:
-        for k in f.keys():
-            shape = f.get_slice(k).get_shape()
-            size = 1
-            for s in shape:
-                size *= s
-            n += size
+    try:
+        with safe_open(str(p / WEIGHTS), framework="pt") as f:
+            for k in f.keys():
+                shape = f.get_slice(k).get_shape()
+                size = 1
+                for s in shape:
+                    size *= s
+                n += size
+    except (SafetensorError, OSError) as exc:
+        raise VlpError(f"{p / WEIGHTS} is damaged or missing ({str(exc).splitlines()[0][:100]})"
+                       ) from None
     bert = cfg.get("bert", {})
     return {
         "kind": "checkpoint",
@@ -154,6 +268,6 @@ def describe(directory: str | Path) -> dict:
                                              "num_attention_heads", "vocab_size")},
         "img_feat_dim": cfg.get("img_feat_dim"),
         "num_answers": cfg.get("num_answers"),
-        "resumable": (p / "state").is_dir(),
+        "resumable": any((p / "state").glob("step-*")) if (p / "state").is_dir() else False,
         "meta": {k: v for k, v in meta.items() if k != "answers"},
     }

@@ -46,7 +46,10 @@ Corpus = Annotated[Path, typer.Option("--corpus", "-c", help="Corpus store direc
                    "`vlp build-corpus`).")]
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-k", help="Checkpoint directory.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its "
-                   "saved training state.")]
+                   "newest saved training state (an error when there is none).")]
+AutoResume = Annotated[bool, typer.Option("--auto-resume", help="Continue the run in --out "
+                       "when it has a saved state, start it otherwise (for job schedulers that "
+                       "requeue a killed job with the same command).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
@@ -59,7 +62,7 @@ def _friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except VlpError as exc:
             typer.secho(f"error: {exc}", fg="red", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 
@@ -223,8 +226,8 @@ def export_features(
 @_friendly
 def pretrain(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/tiny.yaml.")],
-    corpus: Corpus, features: Features, out: Out, resume: Resume = False, sets: Sets = None,
-    verbose: Verbose = False,
+    corpus: Corpus, features: Features, out: Out, resume: Resume = False,
+    auto_resume: AutoResume = False, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Corpus + features -> a pre-trained checkpoint (Oscar: masked tokens + polluted tags).
 
@@ -239,7 +242,8 @@ def pretrain(
     _setup(verbose)
     from vlp_cli.stages import pretrain as stage
 
-    stage.run(_recipe(recipe, sets), corpus, features, out, resume=resume)
+    stage.run(_recipe(recipe, sets), corpus, features, out, resume=resume,
+              auto_resume=auto_resume)
 
 
 @app.command()
@@ -247,7 +251,8 @@ def pretrain(
 def finetune(
     task: Annotated[str, typer.Argument(help="vqa | retrieval | captioning")],
     checkpoint: Checkpoint, corpus: Corpus, features: Features, out: Out,
-    resume: Resume = False, recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+    resume: Resume = False, auto_resume: AutoResume = False, recipe: Recipe = None,
+    sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Checkpoint + task corpus -> a fine-tuned checkpoint.
 
@@ -262,7 +267,8 @@ def finetune(
     from vlp_cli.stages.common import checkpoint_recipe
 
     stage.run(task, checkpoint, corpus, features, out,
-              checkpoint_recipe(checkpoint, recipe, sets or []), resume=resume)
+              checkpoint_recipe(checkpoint, recipe, sets or []), resume=resume,
+              auto_resume=auto_resume)
 
 
 @app.command()
@@ -418,7 +424,7 @@ def main() -> None:
         app()
     except VlpError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted", fg="red", err=True)
         sys.exit(130)

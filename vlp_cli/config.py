@@ -35,7 +35,13 @@ class TrainCfg:
     max_grad_norm: float = 1.0
     eval_every: int = 200  # held-out metrics every N optimiser steps (0: only at the end)
     eval_batches: int = 20  # held-out batches per evaluation (0: the whole split)
-    save_every: int = 0  # resumable training state every N steps (0: only at the end)
+    # Crash safety: the whole training state (runstate.py) is saved every `save_every` steps
+    # (0: not by count), at least every `save_minutes` of wall time (0: not by time), on
+    # SIGTERM/SIGINT and at the end; the newest `keep_states` are kept.
+    save_every: int = 500
+    save_minutes: float = 5.0
+    keep_states: int = 2
+    max_nonfinite: int = 10  # non-finite losses in a row (each update skipped) before stopping
     log_every: int = 20
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: int = 0  # DataLoader workers per process

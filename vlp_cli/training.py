@@ -2,10 +2,17 @@
 
 Pre-training and every fine-tuning task call `train()` with a dataset, a step function
 (tasks.py) and a TrainCfg. The loop is explicit: prepare, accumulate, backward, clip, step;
-held-out statistics every `eval_every` steps; resumable state every `save_every` steps
-(`accelerator.save_state`, optimizer and scheduler and RNG included); metrics appended as JSON
-lines; a progress bar on the main process only. It runs unchanged on one CPU process, several
-processes, or multi-node GPUs with fp16/bf16 (`accelerate launch vlp ...`).
+held-out statistics every `eval_every` steps; metrics appended as JSON lines; a progress bar
+on the main process only. It runs unchanged on one CPU process, several processes, or
+multi-node GPUs with fp16/bf16 (`accelerate launch vlp ...`).
+
+Crash safety (runstate.py): the whole training state is saved every `save_every` steps, every
+`save_minutes` of wall time and on SIGTERM/SIGINT, atomically, without pickle; the last
+`keep_states` are kept. Resuming is exact: the data order comes from (seed, epoch) and the
+position inside the epoch is saved, with every RNG and the partial metric sums, so a killed and
+resumed run gives the same per-step losses and final weights as an uninterrupted one (CPU, same
+thread count and process count). Decisions that all processes must share (save now, stop, skip
+a non-finite step) are taken once, from one all-reduce per optimiser step.
 """
 
 from __future__ import annotations
@@ -13,22 +20,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vlp_cli import VlpError, faults, runstate
 from vlp_cli.config import TrainCfg
 from vlp_cli.console import progress
 from vlp_cli.tasks import Stats, Step
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = "state"
 METRICS = "metrics.jsonl"
 
 
@@ -92,6 +101,17 @@ class _Meter:
             self.sums[k] = self.sums.get(k, 0) + s
             self.counts[k] = self.counts.get(k, 0) + n
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The partial sums as tensors, for a saved state (each process keeps its own)."""
+        out = {f"sum/{k}": v for k, v in self.sums.items()}
+        out.update({f"count/{k}": v for k, v in self.counts.items()})
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor], device: Any) -> None:
+        for key, value in tensors.items():
+            kind, name = key.split("/", 1)
+            (self.sums if kind == "sum" else self.counts)[name] = value.to(device)
+
     def result(self, accelerator: Any) -> dict[str, float]:
         if not self.sums:
             return {}
@@ -119,6 +139,11 @@ def evaluate_stats(task: torch.nn.Module, loader: DataLoader, accelerator: Any,
     """Held-out statistics of a (prepared) TaskModule over a (prepared) loader."""
     was_training = task.training
     task.eval()
+    # Every evaluation scores the same held-out draws (masks, polluted pairs): accelerate's
+    # loader would otherwise pass its own iteration count to the dataset as the epoch, so the
+    # numbers of a resumed run would differ from an uninterrupted one's.
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
     meter = _Meter()
     with torch.no_grad():
         for i, batch in enumerate(loader):
@@ -136,6 +161,73 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class EpochBatches(Sampler[list[int]]):
+    """This process's batches of one epoch, from a position inside it.
+
+    The order is a permutation drawn from (seed, epoch) alone (the draws torch's RandomSampler
+    makes under a DataLoader with a generator seeded `seed + epoch`), cut into full batches;
+    process `rank` of `world` takes every `world`-th batch, as Accelerate's sharded loaders do.
+    An epoch holds a whole number of accumulation windows, so a saved position (always at an
+    optimiser step) is all a resumed run needs to continue the same sequence.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int,
+                 grad_accum: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world = rank, world
+        self.per_rank = (n // batch_size) // world // grad_accum * grad_accum
+        self.epoch, self.start = 0, 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader's base-seed draw
+        perm = torch.randperm(self.n, generator=g).tolist()
+        bs = self.batch_size
+        for i in range(self.start, self.per_rank):
+            b = i * self.world + self.rank
+            yield perm[b * bs: (b + 1) * bs]
+
+
+class StopRequest:
+    """SIGTERM / SIGINT set a flag that the loop reads once per optimiser step: the run saves
+    its state and stops there. A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning("%s received: saving the training state after this step, then "
+                       "stopping (Ctrl-C again to stop at once)", signal.Signals(signum).name)
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+class Interrupted(VlpError):
+    """The run stopped on a signal after saving its state."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 def train(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -145,9 +237,11 @@ def train(
     out_dir: Path,
     *,
     seed: int,
+    identity: dict,
+    cfg_key: str,
     eval_dataset: Dataset | None = None,
     save_fn: Callable[[torch.nn.Module, int], None] | None = None,
-    resume: bool = False,
+    resume_from: runstate.SavedState | None = None,
     description: str = "train",
     accelerator: Any | None = None,
 ) -> TrainResult:
@@ -160,27 +254,35 @@ def train(
         step_fn: (model, batch) -> (loss, stats).
         cfg: optimisation settings.
         out_dir: where metrics.jsonl and state/ go.
-        seed: seeds torch, numpy and the shuffling.
+        seed: seeds torch, numpy and the data order.
+        identity: what this run is (stage, task, recipe, inputs), recorded in every state and
+            checked by `--resume` (runstate.check_resumable).
+        cfg_key: the recipe section of `cfg`, for messages (`pretrain.train`).
         eval_dataset: held-out items scored every `cfg.eval_every` steps.
         save_fn: (unwrapped model, step) -> None, called on the main process to write the
             checkpoint files at every save and at the end.
-        resume: continue from out_dir/state when it exists.
+        resume_from: a checked state (runstate.check_resumable) to continue from.
         description: progress-bar label.
         accelerator: an existing Accelerator (tests, or a caller that already made one).
     """
-    from accelerate.utils import set_seed
+    from accelerate.utils import send_to_device, set_seed
 
     accelerator = accelerator or make_accelerator(cfg)
     set_seed(seed)
     out_dir = Path(out_dir)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sampler = EpochBatches(len(dataset), cfg.batch_size, seed, rank, world, cfg.grad_accum)
+    if sampler.per_rank == 0:
+        per = f" per process ({world} processes)" if world > 1 else ""
+        accum = f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else ""
+        raise VlpError(f"{description}: {len(dataset)} training examples give no full batch of "
+                       f"{cfg.batch_size}{accum}{per}; lower {cfg_key}.batch_size")
     out_dir.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        collate_fn=collate, num_workers=cfg.num_workers, generator=generator,
-                        persistent_workers=False)
-    if len(loader) == 0:
-        raise ValueError(f"{description}: {len(dataset)} examples give no full batch of "
-                         f"{cfg.batch_size}; lower the batch size")
+    # The loader's own generator only seeds worker processes; without one, every new iterator
+    # would draw from torch's global RNG, and a resumed run would see other dropout masks.
+    loader_gen = torch.Generator()
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.num_workers, generator=loader_gen)
     eval_loader = None
     if eval_dataset is not None and len(eval_dataset) > 0:
         eval_loader = DataLoader(eval_dataset, batch_size=cfg.batch_size, shuffle=False,
@@ -190,54 +292,101 @@ def train(
     # it once per process, which shortens the schedule under data parallelism.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     task = TaskModule(model, step_fn)
-    task, optimizer, loader = accelerator.prepare(task, optimizer, loader)
+    # The training loader is not prepared: EpochBatches shards it and knows its position.
+    task, optimizer = accelerator.prepare(task, optimizer)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    accelerator.register_for_checkpointing(scheduler)
-
-    state_dir = out_dir / STATE_DIR
-    step, epoch = 0, 0
-    if resume and (state_dir / "progress.json").is_file():
-        accelerator.load_state(str(state_dir))
-        done = json.loads((state_dir / "progress.json").read_text())
-        step, epoch = int(done["step"]), int(done["epoch"]) + 1
-        logger.info("resumed %s at step %d", out_dir, step)
-
-    def save(final: bool = False) -> None:
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(state_dir))
-        if accelerator.is_main_process:
-            (state_dir / "progress.json").write_text(json.dumps({"step": step, "epoch": epoch}))
-            if save_fn is not None:
-                save_fn(accelerator.unwrap_model(task).model, step)
-        accelerator.wait_for_everyone()
 
     metrics_path = out_dir / METRICS
     meter, last, held = _Meter(), {}, {}
-    start = time.time()
+    step, epoch, position = 0, 0, 0
+    nonfinite = {"in_a_row": 0, "total": 0}
+    if accelerator.is_main_process:
+        runstate.clean_partial(out_dir)
+    if resume_from is not None:
+        step, epoch, position = _restore(resume_from, accelerator, task, optimizer, scheduler,
+                                         meter, sampler, metrics_path)
+        nonfinite = dict(resume_from.trainer.get("nonfinite", nonfinite))
+        last, held = resume_from.trainer.get("last", {}), resume_from.trainer.get("held_out", {})
+        if step >= cfg.steps:
+            logger.info("%s is already at step %d of %d", out_dir, step, cfg.steps)
+
+    def save() -> None:
+        accelerator.wait_for_everyone()
+        if runstate.complete_states(out_dir) and \
+                runstate.complete_states(out_dir)[0][0] == step:
+            pass  # this very state is on disk already (a resumed run that did nothing new)
+        else:
+            tmp = runstate.partial_dir(out_dir, step)
+            if accelerator.is_main_process:
+                runstate.begin_save(out_dir, step)
+            accelerator.wait_for_everyone()
+            runstate.write_rank_files(tmp, rank, meter.state())
+            if accelerator.is_main_process:
+                trainer = {
+                    "step": step, "epoch": epoch, "position": position, "world_size": world,
+                    "seed": seed, "scheduler": runstate.scheduler_state(scheduler),
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
+                    "nonfinite": nonfinite, "last": last, "held_out": held,
+                    "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
+                    "identity": identity,
+                }
+                runstate.write_main_files(tmp, accelerator.unwrap_model(task).model, optimizer,
+                                          trainer)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                runstate.finish_save(out_dir, tmp, step, cfg.keep_states)
+        if accelerator.is_main_process and save_fn is not None:
+            save_fn(accelerator.unwrap_model(task).model, step)
+        accelerator.wait_for_everyone()
+
+    start = last_save = time.time()
     task.train()
-    with progress(disable=not accelerator.is_main_process) as bar:
+    with StopRequest() as stop, progress(disable=not accelerator.is_main_process) as bar:
         bar_task = bar.add_task(description, total=cfg.steps, completed=step)
+        window_bad = False
         while step < cfg.steps:
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
-            generator.manual_seed(seed + epoch)
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
+            sampler.set_position(epoch, position)
+            loader_gen.manual_seed(seed + epoch)
+            faults.point("epoch:start")
             for batch in loader:
+                batch = send_to_device(batch, accelerator.device)
+                position += 1
                 with accelerator.accumulate(task):
                     with accelerator.autocast():
                         loss, stats = task(batch)
+                    finite = bool(torch.isfinite(loss.detach()).all())
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(task.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                meter.add(stats)
+                    window_bad |= not finite
+                    if finite:
+                        meter.add(stats)
+                    if accelerator.sync_gradients:
+                        # One collective per step carries every shared decision.
+                        flags = torch.tensor(
+                            [float(window_bad), float(stop.signum),
+                             float(time.time() - last_save >= cfg.save_minutes * 60)],
+                            device=accelerator.device)
+                        flags = accelerator.reduce(flags, reduction="sum").tolist()
+                        skip = flags[0] > 0
+                        faults.point("step:mid")
+                        if not skip:
+                            if cfg.max_grad_norm > 0:
+                                accelerator.clip_grad_norm_(task.parameters(), cfg.max_grad_norm)
+                            optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue
+                window_bad = False
                 scheduler.step()
                 step += 1
+                if skip:
+                    nonfinite["in_a_row"] += 1
+                    nonfinite["total"] += 1
+                    _nonfinite(nonfinite, step, cfg, out_dir, accelerator, metrics_path)
+                else:
+                    nonfinite["in_a_row"] = 0
                 bar.update(bar_task, completed=step)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     last = meter.result(accelerator)
@@ -245,20 +394,98 @@ def train(
                     if accelerator.is_main_process:
                         _append(metrics_path, {"step": step, "split": "train",
                                                "lr": scheduler.get_last_lr()[0], **last,
+                                               "nonfinite_skipped": nonfinite["total"],
                                                "elapsed_s": round(time.time() - start, 1)})
-                        bar.update(bar_task, description=f"{description} loss {last['loss']:.3f}")
+                        if "loss" in last:
+                            bar.update(bar_task,
+                                       description=f"{description} loss {last['loss']:.3f}")
                 if eval_loader is not None and (
                         (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                    held = evaluate_stats(task, eval_loader, accelerator,
-                                          cfg.eval_batches)
+                    held = evaluate_stats(task, eval_loader, accelerator, cfg.eval_batches)
                     if accelerator.is_main_process:
                         _append(metrics_path, {"step": step, "split": "val", **held})
                         logger.info("step %d held-out: %s", step,
                                     ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    save()
                 if step >= cfg.steps:
-                    break
-            epoch += 1
-    save(final=True)
+                    break  # the final save follows
+                if (cfg.save_every and step % cfg.save_every == 0) or flags[1] or flags[2]:
+                    save()
+                    last_save = time.time()
+                if flags[1]:
+                    signum = stop.signum or signal.SIGTERM
+                    raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}: "
+                                      f"state saved in {runstate.state_root(out_dir)}; continue "
+                                      "with --resume", signum)
+            else:
+                faults.point("epoch:end")
+                epoch, position = epoch + 1, 0
+    save()
     return TrainResult(step=step, last=last, held_out=held, seconds=time.time() - start)
+
+
+def _nonfinite(count: dict, step: int, cfg: TrainCfg, out_dir: Path, accelerator: Any,
+               metrics_path: Path) -> None:
+    """Log a skipped step; stop the run after `cfg.max_nonfinite` of them in a row."""
+    if accelerator.is_main_process:
+        _append(metrics_path, {"step": step, "split": "train", "nonfinite": True,
+                               "nonfinite_skipped": count["total"]})
+    logger.warning("step %d: non-finite loss, update skipped (%d in a row, %d in all)", step,
+                   count["in_a_row"], count["total"])
+    if count["in_a_row"] >= cfg.max_nonfinite:
+        states = runstate.complete_states(out_dir)
+        good = f"the last saved state is {states[0][1]}" if states else "no state was saved"
+        raise VlpError(f"step {step}: the loss was not finite for {count['in_a_row']} steps in a "
+                       f"row, so the run stopped ({good}); lower the learning rate, or check "
+                       "the inputs with `vlp verify`")
+
+
+def _restore(state: runstate.SavedState, accelerator: Any, task: torch.nn.Module,
+             optimizer: Any, scheduler: Any, meter: _Meter, sampler: EpochBatches,
+             metrics_path: Path) -> tuple[int, int, int]:
+    """Load a checked state into the prepared objects; returns (step, epoch, position)."""
+    t = state.trainer
+    model = accelerator.unwrap_model(task).model
+    weights = state.tensors(runstate.WEIGHTS)
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise VlpError(f"--resume: {state.directory / runstate.WEIGHTS} does not fit this model "
+                       f"(missing {result.missing_keys[:2]}, unexpected "
+                       f"{result.unexpected_keys[:2]})")
+    try:
+        runstate.load_optimizer_state(optimizer, state.tensors(runstate.OPTIMIZER),
+                                      t["optimizer"])
+        scheduler.load_state_dict(dict(t["scheduler"]))
+        if accelerator.scaler is not None and t.get("scaler"):
+            accelerator.scaler.load_state_dict(t["scaler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise VlpError(f"--resume: the optimizer state in {state.directory} does not fit this "
+                       f"run ({str(exc).splitlines()[0][:120]})") from None
+    step, epoch, position = int(t["step"]), int(t["epoch"]), int(t["position"])
+    saved_world, world, rank = state.ranks(), accelerator.num_processes, accelerator.process_index
+    if saved_world == world:
+        rank_tensors = state.tensors(runstate.rank_name(rank, "safetensors"))
+        runstate.set_rng_state({k: v for k, v in rank_tensors.items()
+                                if not k.startswith("meter/")},
+                               state.json(runstate.rank_name(rank, "json")))
+        meter.load({k[6:]: v for k, v in rank_tensors.items() if k.startswith("meter/")},
+                   accelerator.device)
+    else:
+        # Other shards of the data, other RNG streams: continue, but not identically.
+        position = position * saved_world // world
+        logger.warning("resuming a %d-process run on %d processes: the data order and RNG "
+                       "streams change, so the result will differ from an uninterrupted run",
+                       saved_world, world)
+        from accelerate.utils import set_seed
+
+        set_seed(int(t.get("seed", 0)) + step * 1000 + rank)
+    if position >= sampler.per_rank:
+        epoch, position = epoch + 1, 0
+    if accelerator.is_main_process and metrics_path.exists():
+        # Rows written after the save are replayed by this run: cut them, keep each step once.
+        keep = int(t.get("metrics_bytes", 0))
+        if metrics_path.stat().st_size > keep:
+            with metrics_path.open("rb+") as f:
+                f.truncate(keep)
+    logger.info("resumed %s at step %d (epoch %d, batch %d)", state.directory.parent.parent,
+                step, epoch, position)
+    return step, epoch, position

@@ -115,11 +115,57 @@ def checkpoint_recipe(checkpoint: Path, recipe: Path | None, overrides: list[str
     return load_recipe(None, overrides, base=base)
 
 
-def prepare_out(out: Path, resume: bool) -> None:
-    """A training output directory is new, or resumed on purpose."""
+# Keys of a training section that may differ between a run and its resumption: they change
+# when or how long it runs, or what it logs, not what a step computes.
+RESUMABLE_TRAIN_KEYS = ("steps", "save_every", "save_minutes", "keep_states", "log_every",
+                        "eval_every", "eval_batches", "num_workers", "max_nonfinite")
+
+
+def run_identity(stage: str, task: str, recipe: Recipe, section: str, inputs: dict) -> dict:
+    """What a training run is, recorded in its saved states and checked by `--resume`."""
+    import json
+
+    from vlp_cli.config import recipe_to_dict
+
+    d = recipe_to_dict(recipe)
+    sec = dict(d[section])
+    sec["train"] = {k: v for k, v in sec["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
+    ident = {"stage": stage, "task": task, "seed": recipe.seed,
+             "recipe": {section: sec, "data": d["data"], "model": d["model"]}, "inputs": inputs}
+    return json.loads(json.dumps(ident))  # as it reads back from JSON: lists, not tuples
+
+
+def check_writable(out: Path) -> None:
+    """The output's nearest existing folder accepts new files (checked before any work)."""
+    import os
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not resume:
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise VlpError(f"{probe} is a file, not a folder: choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise VlpError(f"cannot write into {probe} (permission denied): choose another --out")
+
+
+def prepare_out(out: Path, resume: bool, identity: dict | None = None,
+                auto_resume: bool = False) -> Any:
+    """A training output directory is new, or resumed on purpose: returns the state to resume
+    from (runstate.SavedState) or None. Creates nothing: the training loop makes the folder
+    once every check has passed, so a refusal leaves no empty folder behind."""
+    from vlp_cli import runstate
+
+    out = Path(out)
+    check_writable(out)
+    has_files = out.exists() and any(out.iterdir())
+    if resume or auto_resume:
+        if has_files or resume:
+            return runstate.check_resumable(out, identity or {}, auto=auto_resume and
+                                            not has_files)
+        return None
+    if has_files:
         what = "a checkpoint" if is_checkpoint(out) else "files"
         raise VlpError(f"{out} already holds {what}: pass --resume to continue that run, or "
                        "choose a new --out (nothing was changed)")
-    out.mkdir(parents=True, exist_ok=True)
+    return None

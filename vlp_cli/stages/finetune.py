@@ -15,6 +15,7 @@ from vlp_cli.stages.common import (
     features_meta,
     open_checkpoint_inputs,
     prepare_out,
+    run_identity,
     seed_everything,
 )
 from vlp_cli.tasks import caption_step, retrieval_step, vqa_step
@@ -25,7 +26,7 @@ TASKS = ("vqa", "retrieval", "captioning")
 
 
 def run(task: str, checkpoint: Path, corpus: Path, features: Path, out: Path, recipe: Recipe,
-        resume: bool = False) -> Path:
+        resume: bool = False, auto_resume: bool = False) -> Path:
     """Fine-tune `checkpoint` on `task` with the train split; score the val split as it goes."""
     if task not in TASKS:
         raise VlpError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -36,7 +37,12 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, out: Path, re
     if src_meta.get("task") not in (None, "pretrain", task):
         logger.warning("%s was fine-tuned for %s; fine-tuning it again for %s", checkpoint,
                        src_meta.get("task"), task)
-    prepare_out(out, resume)
+    from vlp_cli.checkpoint import checkpoint_fingerprint
+
+    identity = run_identity("finetune", task, recipe, task, {
+        "corpus": c.meta.get("fingerprint"), "features": store.fingerprint,
+        "init": checkpoint_fingerprint(checkpoint)})
+    state = prepare_out(out, resume, identity, auto_resume)
     builder = ExampleBuilder(tok, store, recipe.data)
     seed = recipe.seed
     meta = {"task": task, "init": str(Path(checkpoint).resolve()),
@@ -77,8 +83,9 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, out: Path, re
 
     logger.info("fine-tuning %s for %s on %d examples (%d held out), %d steps", checkpoint,
                 task, len(train_ds), len(val_ds), cfg.train.steps)
-    result = train(model, train_ds, collate, step, cfg.train, out, seed=seed,
-                   eval_dataset=val_ds, save_fn=save, resume=resume, description=task)
+    result = train(model, train_ds, collate, step, cfg.train, out, seed=seed, identity=identity,
+                   cfg_key=f"{task}.train", eval_dataset=val_ds, save_fn=save,
+                   resume_from=state, description=task)
     logger.info("fine-tuned %s in %.0fs; held-out %s", out, result.seconds,
                 ", ".join(f"{k} {v:.4f}" for k, v in result.held_out.items()))
     return Path(out)

@@ -18,6 +18,7 @@ from vlp_cli.stages.common import (
     features_meta,
     open_inputs,
     prepare_out,
+    run_identity,
     seed_everything,
 )
 from vlp_cli.tasks import pretrain_step
@@ -26,8 +27,13 @@ from vlp_cli.training import train
 logger = logging.getLogger(__name__)
 
 
-def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = False) -> Path:
-    """Pre-train with Oscar's objectives: masked tokens over words and tags + polluted tags."""
+def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = False,
+        auto_resume: bool = False) -> Path:
+    """Pre-train with Oscar's objectives: masked tokens over words and tags + polluted tags.
+
+    `resume` continues the run saved in `out` (an error when there is none); `auto_resume`
+    continues it when there is one and starts otherwise (for schedulers that requeue a job).
+    """
     from vlp_cli.assets import resolve_text_encoder
     from vlp_cli.model import VLPModel
 
@@ -39,7 +45,10 @@ def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = 
     random_init = recipe.model.init.startswith("random:")
     tok = load_tokenizer(recipe.corpus.tokenizer if random_init else recipe.model.init)
     check_tokenizer(tok, c, f"model.init {recipe.model.init!r}")
-    prepare_out(out, resume)
+    identity = run_identity("pretrain", "pretrain", recipe, "pretrain", {
+        "corpus": c.meta.get("fingerprint"), "features": store.fingerprint,
+        "init": recipe.model.init})
+    state = prepare_out(out, resume, identity, auto_resume)
 
     def indices(split: str) -> np.ndarray:
         parts = [c.indices(kind, split) for kind in cfg.text]
@@ -66,8 +75,9 @@ def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = 
     logger.info("pre-training on %d examples (%d held out), %d steps of %d", len(train_ds),
                 len(val_ds), cfg.train.steps, cfg.train.batch_size)
     result = train(model, train_ds, Collator(builder.pad_id), pretrain_step(cfg.contrastive_weight),
-                   cfg.train, out, seed=recipe.seed, eval_dataset=val_ds, save_fn=save,
-                   resume=resume, description="pretrain")
+                   cfg.train, out, seed=recipe.seed, identity=identity,
+                   cfg_key="pretrain.train", eval_dataset=val_ds, save_fn=save,
+                   resume_from=state, description="pretrain")
     logger.info("pretrained %s in %.0fs; held-out %s", out, result.seconds,
                 ", ".join(f"{k} {v:.4f}" for k, v in result.held_out.items()))
     return Path(out)

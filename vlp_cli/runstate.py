@@ -1,0 +1,389 @@
+"""Training state on disk, without pickle: what `--resume` needs to continue bit-exactly.
+
+    out/state/step-00000120/
+      weights.safetensors      the model's parameters and buffers
+      optimizer.safetensors    optimizer tensors, keyed "<param index>/<name>"
+      rank-00000.safetensors   one per process: torch RNG states, partial metric sums
+      rank-00000.json          one per process: Python and numpy RNG states
+      trainer.json             step, epoch, position in the epoch, optimizer groups, scheduler,
+                               gradient scaler, the run's identity (stage, task, recipe, inputs)
+      manifest.json            size and xxh3-128 of every file above, written last
+
+A state is written complete into `state/.partial-step-N/` and switched in with one rename, so
+a kill at any moment leaves whole states only: the old ones, or the old ones and the new one.
+Accelerate's `save_state`/`load_state` are not used: they pickle RNG states and registered
+objects and unpickle them with `weights_only=False`, so a planted file would run code.
+Everything here is safetensors or JSON, checked against the manifest before it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlp_cli import VlpError, faults
+
+STATE_DIR = "state"
+MANIFEST = "manifest.json"
+TRAINER = "trainer.json"
+WEIGHTS = "weights.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+FORMAT = "vlp.train-state"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_name(rank: int, ext: str) -> str:
+    return f"rank-{rank:05d}.{ext}"
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing and atomic files
+
+
+def file_digest(path: Path) -> str:
+    """xxh3-128 of a file, streamed (hundreds of MB for a base model's optimizer)."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside `path` durable (a no-op where unsupported)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bytes_durably(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_bytes_durably(path, json.dumps(obj, indent=1).encode())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    with path.open("rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_manifest(directory: Path, files: list[str], extra: dict | None = None) -> None:
+    """Sizes and hashes of `files` in `directory`, written last (its presence means complete)."""
+    entries = {name: {"bytes": (directory / name).stat().st_size,
+                      "xxh3_128": file_digest(directory / name)} for name in sorted(files)}
+    write_json(directory / MANIFEST, {"format": "vlp.manifest", "files": entries,
+                                      **(extra or {})})
+
+
+def check_manifest(directory: Path, what: str) -> dict:
+    """Every file the manifest lists is there with its size and hash; returns the manifest.
+
+    Raises a one-line VlpError naming the first file that is missing or differs.
+    """
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        assert isinstance(files, dict)
+    except FileNotFoundError:
+        raise VlpError(f"{what}: {path} is missing, so its files cannot be checked") from None
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError):
+        raise VlpError(f"{what}: {path} is damaged (not a vlp manifest)") from None
+    for name, want in files.items():
+        f = directory / name
+        if "/" in name or name.startswith(".") or not f.is_file():
+            raise VlpError(f"{what}: {f} is missing")
+        if f.stat().st_size != want.get("bytes") or file_digest(f) != want.get("xxh3_128"):
+            raise VlpError(f"{what}: {f} is damaged (its size or hash differs from "
+                           f"{MANIFEST})")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG and optimizer state as tensors + JSON
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, JSON) holding every RNG a training step may draw from, for this process."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda/{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(internal), gauss],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], data: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(t for t in tensors if t.startswith("cuda/"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = data["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = data["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, entry in sd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}/{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                         data: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, entry in data.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entry)
+    groups = []
+    for g in data["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def scheduler_state(scheduler: Any) -> dict:
+    sd = dict(scheduler.state_dict())
+    # LambdaLR keeps its lambdas' __dict__ only for callable objects; ours are closures.
+    sd["lr_lambdas"] = [None] * len(sd.get("lr_lambdas", []))
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# writing and finding states
+
+
+def state_root(out: Path) -> Path:
+    return Path(out) / STATE_DIR
+
+
+def clean_partial(out: Path) -> None:
+    """Remove what a killed save left behind (never a complete state)."""
+    root = state_root(out)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".partial-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def complete_states(out: Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete state, newest first."""
+    root = state_root(out)
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir() and (p / MANIFEST).is_file():
+                found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def legacy_state(out: Path) -> bool:
+    """A state written by vlp 0.1's Accelerate `save_state` (pickles: never read)."""
+    root = state_root(out)
+    return root.is_dir() and any(p.suffix in (".pkl", ".bin") or p.name == "progress.json"
+                                 for p in root.iterdir())
+
+
+def partial_dir(out: Path, step: int) -> Path:
+    return state_root(out) / f".partial-{step_dir_name(step)}"
+
+
+def begin_save(out: Path, step: int) -> Path:
+    """The empty folder a state is written into (main process only)."""
+    tmp = partial_dir(out, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rank_files(tmp: Path, rank: int, meter: dict[str, torch.Tensor]) -> None:
+    tensors, data = rng_state()
+    tensors.update({f"meter/{k}": v for k, v in meter.items()})
+    save_tensors(tmp / rank_name(rank, "safetensors"), tensors)
+    faults.point("save:rank")
+    write_json(tmp / rank_name(rank, "json"), data)
+
+
+def write_main_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     trainer: dict) -> None:
+    faults.point("save:before")
+    save_tensors(tmp / WEIGHTS, model.state_dict())
+    faults.point("save:weights")
+    tensors, data = optimizer_state(optimizer)
+    save_tensors(tmp / OPTIMIZER, tensors)
+    faults.point("save:optimizer")
+    write_json(tmp / TRAINER, {"format": FORMAT, "format_version": FORMAT_VERSION,
+                               **trainer, "optimizer": data})
+    faults.point("save:trainer")
+
+
+def finish_save(out: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Manifest, then one rename: the state exists complete or not at all. Prunes old ones."""
+    files = [p.name for p in tmp.iterdir() if p.is_file()]
+    write_manifest(tmp, files)
+    faults.point("save:manifest")
+    final = state_root(out) / step_dir_name(step)
+    if final.exists():  # the same step saved again (a resumed run that saved nothing new)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    faults.point("save:renamed")
+    for _, old in complete_states(out)[max(keep, 1):]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# reading states
+
+
+@dataclass
+class SavedState:
+    directory: Path
+    trainer: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer["step"])
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.directory / name
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise VlpError(f"--resume: {path} cannot be read as safetensors "
+                           f"({str(exc).splitlines()[0][:120]})") from None
+
+    def json(self, name: str) -> dict:
+        path = self.directory / name
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            assert isinstance(data, dict)
+            return data
+        except (ValueError, AssertionError, UnicodeDecodeError, OSError):
+            raise VlpError(f"--resume: {path} is not valid JSON state") from None
+
+    def ranks(self) -> int:
+        return int(self.trainer.get("world_size", 1))
+
+
+def latest_state(out: Path) -> SavedState | None:
+    """The newest complete state, checked against its manifest; None if there is none.
+
+    A damaged newest state is refused (not skipped): the user decides whether to fall back.
+    """
+    states = complete_states(out)
+    if not states:
+        return None
+    step, directory = states[0]
+    what = f"--resume: training state {directory}"
+    try:
+        check_manifest(directory, what)
+    except VlpError as exc:
+        older = f"; an older state is {states[1][1]} (delete {directory.name} to resume from it)" \
+            if len(states) > 1 else ""
+        raise VlpError(f"{exc}{older}") from None
+    state = SavedState(directory, {})
+    trainer = state.json(TRAINER)
+    if trainer.get("format") != FORMAT or trainer.get("format_version") != FORMAT_VERSION:
+        raise VlpError(f"{what}: {TRAINER} is not a vlp training state of format "
+                       f"{FORMAT_VERSION}")
+    state.trainer = trainer
+    return state
+
+
+def identity_differences(saved: dict, now: dict) -> list[str]:
+    """What differs between the identity a run was started with and this one's."""
+
+    def flat(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                yield from flat(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            yield prefix, d
+
+    a, b = dict(flat(saved)), dict(flat(now))
+    return [f"{k}: {a.get(k)!r} in the saved run, {b.get(k)!r} now"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def check_resumable(out: Path, identity: dict, auto: bool = False) -> SavedState | None:
+    """The state `--resume` continues from, after checking it belongs to this run.
+
+    Returns None when `auto` is set and there is no state (start from the beginning).
+    """
+    out = Path(out)
+    if legacy_state(out) and not complete_states(out):
+        raise VlpError(f"{state_root(out)} was written by an older vlp with pickled Accelerate "
+                       "state, which vlp no longer reads (it could run code): start a new --out")
+    state = latest_state(out)
+    if state is None:
+        if auto:
+            return None
+        raise VlpError(f"--resume: {out} holds no saved training state; run without --resume "
+                       "(or with --auto-resume, which starts when there is none)")
+    saved = state.trainer.get("identity", {})
+    where = f"{saved.get('stage')} {saved.get('task')}"
+    if (saved.get("stage"), saved.get("task")) != (identity.get("stage"), identity.get("task")):
+        raise VlpError(f"--resume: {out} holds a '{where}' run, not "
+                       f"'{identity.get('stage')} {identity.get('task')}': nothing was changed; "
+                       "choose another --out")
+    diffs = identity_differences(saved, identity)
+    if diffs:
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        raise VlpError(f"--resume: {out} was started with other settings or inputs: "
+                       f"{diffs[0]}{more}; resume with the same ones, or choose a new --out")
+    return state
