@@ -61,3 +61,11 @@ def test_pretraining_on_two_processes(tiny_data: dict, tmp_path: Path) -> None:
            tiny_data["features"], "-o", out, "--resume", *sets[:-2],
            "--set", "pretrain.train.steps=6")
     assert json.loads((out / "meta.json").read_text())["step"] == 6
+    # ...and on one process: it works, and says the result will differ.
+    res = subprocess.run([sys.executable, "-m", "vlp_cli", "pretrain", "recipes/tiny.yaml", "-c",
+                          str(tiny_data["corpus"]), "-f", str(tiny_data["features"]), "-o",
+                          str(out), "--resume", *sets[:-2], "--set", "pretrain.train.steps=8"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming a 2-process run on 1 processes" in " ".join(res.stderr.split())
+    assert json.loads((out / "meta.json").read_text())["step"] == 8

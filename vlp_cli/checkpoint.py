@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlp_cli import VlpError, __version__
+from vlp_cli import VlpError, __version__, faults
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -109,8 +109,11 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, meta: dic
         with (tmp / name).open("rb+") as f:
             os.fsync(f.fileno())
     write_manifest(tmp, files)
-    for name in files:
+    faults.point("checkpoint:written")
+    for i, name in enumerate(files):
         os.replace(tmp / name, out / name)
+        if i == len(files) // 2:
+            faults.point("checkpoint:half-moved")
     os.replace(tmp / MANIFEST, out / MANIFEST)
     fsync_dir(out)
     tmp.rmdir()

@@ -159,6 +159,12 @@ def prepare_out(out: Path, resume: bool, identity: dict | None = None,
     out = Path(out)
     check_writable(out)
     has_files = out.exists() and any(out.iterdir())
+    if has_files and _killed_before_first_save(out):
+        # Nothing there can be resumed or is worth keeping: start over instead of making the
+        # user delete files by hand.
+        logger.warning("%s holds a run killed before its first save: starting it over", out)
+        _clear_debris(out)
+        has_files = False
     if resume or auto_resume:
         if has_files or resume:
             return runstate.check_resumable(out, identity or {}, auto=auto_resume and
@@ -169,3 +175,23 @@ def prepare_out(out: Path, resume: bool, identity: dict | None = None,
         raise VlpError(f"{out} already holds {what}: pass --resume to continue that run, or "
                        "choose a new --out (nothing was changed)")
     return None
+
+
+def _killed_before_first_save(out: Path) -> bool:
+    """Only a metrics log and an unfinished state folder: a run killed before any save."""
+    from vlp_cli import runstate
+
+    names = {p.name for p in out.iterdir()}
+    if not names <= {"metrics.jsonl", runstate.STATE_DIR}:
+        return False
+    root = runstate.state_root(out)
+    return not root.exists() or all(p.name.startswith(".partial-") for p in root.iterdir())
+
+
+def _clear_debris(out: Path) -> None:
+    import shutil
+
+    from vlp_cli import runstate
+
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(runstate.state_root(out), ignore_errors=True)
