@@ -64,8 +64,8 @@ def user_message(exc: BaseException, user_paths: list[Path]) -> str | None:
         return f"{name} does not exist (or was removed while vlp ran)"
     if isinstance(exc, OSError) and exc.errno in _REASONS:
         where = f"{name}: " if name else ""
-        return (f"{where}{_REASONS[exc.errno]}: choose another location, or fix the "
-                "permissions or free space there")
+        return (f"{where}{_REASONS[exc.errno]}: check that path's permissions and free "
+                "space, or choose another location")
     if isinstance(exc, json.JSONDecodeError):
         where = _json_file(exc.__traceback__)
         what = f"{where} is" if where else "an input file is"
