@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,11 @@ from typing import Annotated, Optional
 import typer
 
 from vlp_cli import VlpError, __version__
+from vlp_cli.config import builtin_recipes
+
+logger = logging.getLogger("vlp_cli")
+BUILTINS = ", ".join(builtin_recipes())
+_debug = False  # set by the --debug global option, for the command that follows
 
 app = typer.Typer(
     name="vlp",
@@ -23,11 +29,13 @@ app = typer.Typer(
          "Examples (the whole chain; `make demo` runs it on the embedded easy-VQA data):\n\n"
          "    vlp extract-features photos/ -o feats/\n\n"
          "    vlp build-corpus train=caps.jsonl test=caps_test.jsonl -f feats/ -o corpus/\n\n"
-         "    vlp pretrain recipes/tiny.yaml -c corpus/ -f feats/ -o ckpt/\n\n"
+         "    vlp pretrain tiny -c corpus/ -f feats/ -o ckpt/\n\n"
          "    vlp finetune vqa -k ckpt/ -c corpus/ -f feats/ -o ckpt-vqa/\n\n"
          "    vlp evaluate vqa -k ckpt-vqa/ -c corpus/ -f feats/\n\n"
          "    vlp caption -k ckpt-cap/ --images photos/ -o captions.jsonl\n\n"
-         "`vlp COMMAND --help` for each command's options and examples.",
+         f"Built-in recipes, by name or as recipes/NAME.yaml: {BUILTINS}.\n\n"
+         "`vlp COMMAND --help` for each command's options and examples; `vlp --debug "
+         "COMMAND ...` shows the full traceback of any error.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="markdown",
@@ -35,8 +43,10 @@ app = typer.Typer(
 )
 
 # Shared option aliases --------------------------------------------------------------------------
-Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML (see "
-                   "recipes/); fine-tuning and evaluation default to the checkpoint's own.")]
+Recipe = Annotated[Optional[Path], typer.Option("--recipe", "-r", help="Recipe YAML, or a "
+                   f"built-in recipe's name ({BUILTINS}). Without it: vlp's defaults "
+                   "(extract-features, build-corpus) or the checkpoint's own recipe (finetune, "
+                   "evaluate, caption); the run says which settings were not yours.")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key, "
                  "e.g. `--set pretrain.train.steps=100`; repeatable.")]
 Out = Annotated[Path, typer.Option("--out", "-o", help="Output directory.")]
@@ -54,15 +64,25 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")
 
 
 def _friendly(fn: Callable) -> Callable:
-    """User errors become one red line and exit status 1 (also under CliRunner)."""
+    """User errors (VlpError, and the OS, JSON and LMDB errors a user causes) become one red
+    line and exit status 1 (also under CliRunner); bugs keep their traceback; --debug shows
+    the traceback of everything."""
 
     @functools.wraps(fn)
     def wrapper(*args: object, **kwargs: object) -> object:
+        from vlp_cli.errors import user_message
+
         try:
             return fn(*args, **kwargs)
-        except VlpError as exc:
-            typer.secho(f"error: {exc}", fg="red", err=True)
-            raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:
+            if _debug:
+                raise
+            paths = [Path(v) for v in kwargs.values() if isinstance(v, (str, Path)) and v]
+            message = user_message(exc, paths)
+            if message is None:
+                raise
+            typer.secho(f"error: {message}", fg="red", err=True)
+            raise typer.Exit(getattr(exc, "exit_code", 1)) from None
 
     return wrapper
 
@@ -73,10 +93,37 @@ def _setup(verbose: bool = False) -> None:
     setup_logging(verbose)
 
 
-def _recipe(path: Path | None, sets: list[str] | None) -> object:
-    from vlp_cli.config import load_recipe
+def _recipe(path: Path | None, sets: list[str] | None, sections: list[str]) -> object:
+    """The command's recipe; says once which of `sections` came from vlp's defaults."""
+    from vlp_cli.config import load_stage_recipe
 
-    return load_recipe(path if path is not None else "tiny", sets or [])
+    return load_stage_recipe(path, sets or [], sections)
+
+
+def _checkpoint_recipe(checkpoint: Path, recipe: Path | None, sets: list[str] | None) -> object:
+    """The given recipe, else the checkpoint's own (said once)."""
+    from vlp_cli.stages.common import checkpoint_recipe
+
+    stored = Path(checkpoint) / "recipe.yaml"
+    if recipe is None and Path(checkpoint).is_dir():
+        logger.info("no --recipe: using %s", f"{stored}, the recipe the checkpoint was made "
+                    "with" if stored.is_file() else f"vlp's defaults ({checkpoint} holds no "
+                    "recipe.yaml)")
+    return checkpoint_recipe(checkpoint, recipe, sets or [])
+
+
+def _writable(path: Path | None, file: bool = False) -> None:
+    from vlp_cli.outputs import check_writable
+
+    if path is not None:
+        check_writable(path, file=file)
+
+
+def _output(path: Path) -> object:
+    """Removes the output folder again if the stage fails while it is still empty."""
+    from vlp_cli.outputs import output_dir
+
+    return output_dir(path, create=False)
 
 
 def _version(value: bool) -> None:
@@ -87,8 +134,13 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version.")] = False) -> None:
+                                                help="Print the version.")] = False,
+          debug: Annotated[bool, typer.Option("--debug", envvar="VLP_DEBUG", help="Show the "
+                           "full traceback of any error, a user's mistake included.")] = False,
+          ) -> None:
     """vlp: vision-language pre-training from a laptop CPU to many GPUs."""
+    global _debug
+    _debug = debug
 
 
 @app.command("extract-features")
@@ -133,21 +185,33 @@ def extract_features(
         extra += ["extract.detector=darknet", f"extract.detector_cfg={detector_cfg or ''}",
                   f"extract.detector_weights={detector_weights or ''}",
                   f"extract.detector_labels={labels or ''}"]
-    extract.run(images, out, _recipe(recipe, extra), boxes=boxes, limit=limit, strict=strict,
-                draw=draw)
+    _writable(out)
+    _writable(draw)
+    with _output(out):
+        extract.run(images, out, _recipe(recipe, extra, ["extract"]), boxes=boxes, limit=limit,
+                    strict=strict, draw=draw)
 
 
 @app.command("build-corpus")
 @_friendly
 def build_corpus(
     sources: Annotated[list[str], typer.Argument(help="`easy-vqa`, or `[SPLIT=]FILE.jsonl` with "
-                       'lines {"image", "caption"} or {"image", "question", "answers"}.')],
+                       'lines {"image", "caption"} or {"image", "question", "answers"}; '
+                       "`answers` lists what each annotator answered (VQA v2: ten people), "
+                       "not alternative correct answers.")],
     features: Features, out: Out,
     skip_missing: Annotated[bool, typer.Option(help="Skip examples whose image has no "
                             "features instead of failing.")] = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Captions, questions and pairs + features -> a tokenised corpus (LMDB).
+
+    `answers` are annotators' answers, scored as VQA v2 does: an answer given by n of the N
+    annotators scores the mean, over the N ways of leaving one annotator out, of
+    min(1, matches among the rest / 3); with ten answers 0.3, 0.6, 0.9 and 1.0 for 1, 2, 3
+    and 4+ matches. So `["pagoda", "temple"]` scores each 0.17, not 1: list the accepted
+    answer once per annotator, or give a single answer (scored 1 on an exact match). Without
+    a val split in the sources, `corpus.val_fraction` of the train images move to `val`.
 
     Examples:
 
@@ -158,7 +222,10 @@ def build_corpus(
     _setup(verbose)
     from vlp_cli.stages import corpus
 
-    corpus.run(sources, features, out, _recipe(recipe, sets), skip_missing=skip_missing)
+    _writable(out)
+    with _output(out):
+        corpus.run(sources, features, out, _recipe(recipe, sets, ["corpus"]),
+                   skip_missing=skip_missing)
 
 
 @app.command("import-features")
@@ -196,8 +263,10 @@ def import_features(
     _setup(verbose)
     from vlp_cli.stages import convert
 
-    convert.import_features(fmt, src, out, labels=labels, tags=tags, hw=hw,
-                            feature_dim=feature_dim)
+    _writable(out)
+    with _output(out):
+        convert.import_features(fmt, src, out, labels=labels, tags=tags, hw=hw,
+                                feature_dim=feature_dim)
 
 
 @app.command("export-features")
@@ -219,31 +288,37 @@ def export_features(
     _setup(verbose)
     from vlp_cli.stages import convert
 
-    convert.export_features(store, fmt, out)
+    _writable(out)
+    with _output(out):
+        convert.export_features(store, fmt, out)
 
 
 @app.command()
 @_friendly
 def pretrain(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/tiny.yaml.")],
+    recipe: Annotated[Path, typer.Argument(help=f"Recipe YAML, or a built-in name ({BUILTINS})"
+                                                 "; recipes/NAME.yaml finds the built-in too.")],
     corpus: Corpus, features: Features, out: Out, resume: Resume = False,
     auto_resume: AutoResume = False, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Corpus + features -> a pre-trained checkpoint (Oscar: masked tokens + polluted tags).
 
-    Runs under `accelerate launch` for several processes or GPUs.
+    Runs under `accelerate launch` for several processes or GPUs. Built-in recipes: `tiny`
+    (the demo, minutes on a CPU) and `oscar-base` (the paper's settings, many GPUs).
 
     Examples:
 
-        vlp pretrain recipes/tiny.yaml -c corpus/ -f feats/ -o ckpt/
+        vlp pretrain tiny -c corpus/ -f feats/ -o ckpt/
 
         accelerate launch -m vlp_cli pretrain recipes/oscar-base.yaml -c corpus/ -f feats/ -o ckpt/
     """
     _setup(verbose)
     from vlp_cli.stages import pretrain as stage
 
-    stage.run(_recipe(recipe, sets), corpus, features, out, resume=resume,
-              auto_resume=auto_resume)
+    r = _recipe(recipe, sets, ["data", "model", "pretrain"])
+    _writable(out)
+    with _output(out):
+        stage.run(r, corpus, features, out, resume=resume, auto_resume=auto_resume)
 
 
 @app.command()
@@ -264,11 +339,12 @@ def finetune(
     """
     _setup(verbose)
     from vlp_cli.stages import finetune as stage
-    from vlp_cli.stages.common import checkpoint_recipe
 
-    stage.run(task, checkpoint, corpus, features, out,
-              checkpoint_recipe(checkpoint, recipe, sets or []), resume=resume,
-              auto_resume=auto_resume)
+    r = _checkpoint_recipe(checkpoint, recipe, sets)
+    _writable(out)
+    with _output(out):
+        stage.run(task, checkpoint, corpus, features, out, r, resume=resume,
+                  auto_resume=auto_resume)
 
 
 @app.command()
@@ -293,17 +369,18 @@ def evaluate(
     """
     _setup(verbose)
     from vlp_cli.stages import evaluate as stage
-    from vlp_cli.stages.common import checkpoint_recipe
 
     result = stage.run(task, checkpoint, corpus, features,
-                       checkpoint_recipe(checkpoint, recipe, sets or []), split, out, limit)
+                       _checkpoint_recipe(checkpoint, recipe, sets), split, out, limit)
     typer.echo(json.dumps(result, indent=2))
 
 
 @app.command()
 @_friendly
 def caption(
-    checkpoint: Checkpoint, out: Out,
+    checkpoint: Checkpoint,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output JSONL file (or a folder to "
+                   "hold captions.jsonl).")],
     features: Annotated[Optional[Path], typer.Option("--features", "-f", help="Caption the "
                         "images of this feature store.")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Or caption an image folder "
@@ -323,12 +400,13 @@ def caption(
         vlp caption -k ckpt-cap/ --images photos/ -o captions.jsonl
 
         vlp caption -k ckpt-cap/ -f feats/ -c corpus/ --split test --limit 8 -o caps.jsonl
+
+        vlp caption -k ckpt-cap/ --images photos/ -o results/   # results/captions.jsonl
     """
     _setup(verbose)
     from vlp_cli.stages import caption as stage
-    from vlp_cli.stages.common import checkpoint_recipe
 
-    stage.run(checkpoint, out, checkpoint_recipe(checkpoint, recipe, sets or []),
+    stage.run(checkpoint, out, _checkpoint_recipe(checkpoint, recipe, sets),
               features=features, images=images, boxes=boxes, corpus=corpus, split=split,
               limit=limit)
 
@@ -336,13 +414,20 @@ def caption(
 @app.command()
 @_friendly
 def validate(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML to check.")], sets: Sets = None,
+    recipe: Annotated[Path, typer.Argument(help=f"Recipe YAML, or a built-in name ({BUILTINS})."
+                                                 )], sets: Sets = None,
 ) -> None:
-    """Check a recipe (every key and type) without running anything; print it resolved.
+    """Check a recipe (every key, type and range) without running anything; print it resolved.
 
-    Example:
+    Every stage runs the same checks before it starts. Built-in recipes (by name, or as
+    recipes/NAME.yaml from anywhere): `tiny`, the demo on the embedded easy-VQA data, minutes
+    on a CPU; `oscar-base`, Oscar-B pre-training at the paper's scale, for many GPUs.
+
+    Examples:
 
         vlp validate recipes/tiny.yaml --set pretrain.train.lr=1e-4
+
+        vlp validate oscar-base
     """
     import yaml
 
@@ -413,6 +498,7 @@ def bench(
     _setup(verbose)
     from vlp_cli.stages import bench as stage
 
+    _writable(json_out, file=True)
     result = stage.run(name, reps=reps)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
@@ -423,6 +509,8 @@ def main() -> None:
     try:
         app()
     except VlpError as exc:
+        if _debug:
+            raise
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -8,10 +8,14 @@ repeated from its output alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import logging
+import math
 import types
 import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,41 +24,103 @@ import yaml
 
 from vlp_cli import VlpError
 
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# ranges: declared beside each field, checked by load_recipe with the dotted key named
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field (or each item of a numeric tuple) may take."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    why: str = ""  # said after the range when a value is refused
+
+    def ok(self, v: float) -> bool:
+        # Written so that NaN fails every comparison.
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def text(self) -> str:
+        low = self.ge if self.ge is not None else self.gt
+        high = self.le if self.le is not None else self.lt
+        if low is not None and high is not None:
+            return (f"in {'[' if self.ge is not None else '('}{low:g}, {high:g}"
+                    f"{']' if self.le is not None else ')'}")
+        if low is not None:
+            return f"{'>=' if self.ge is not None else '>'} {low:g}"
+        return f"{'<=' if self.le is not None else '<'} {high:g}"
+
+
+def num(default: Any, *, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None, why: str = "") -> Any:
+    """A numeric field with its allowed range."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt, why)})
+
+
+def prob(default: float, why: str = "") -> Any:
+    """A probability or fraction: in [0, 1]."""
+    return num(default, ge=0, le=1, why=why)
+
+
+# Cross-field rules: each yields (message) with keys spelt through `k`, which adds the dotted
+# prefix of the section being checked.
+Key = Callable[[str], str]
+
 
 @dataclass
 class TrainCfg:
     """One optimisation run: the explicit Accelerate loop in training.py reads only this."""
 
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 5e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    eval_every: int = 200  # held-out metrics every N optimiser steps (0: only at the end)
-    eval_batches: int = 20  # held-out batches per evaluation (0: the whole split)
+    steps: int = num(1000, ge=1, why="optimiser steps")
+    batch_size: int = num(32, ge=1, why="examples per process per step")
+    lr: float = num(5e-5, gt=0)
+    warmup_steps: int = num(100, ge=0)
+    weight_decay: float = num(0.01, ge=0)
+    betas: tuple[float, float] = num((0.9, 0.999), ge=0, lt=1)
+    grad_accum: int = num(1, ge=1, why="1: no accumulation")
+    max_grad_norm: float = num(1.0, ge=0, why="0: no clipping")
+    # held-out metrics every N optimiser steps (0: only at the end)
+    eval_every: int = num(200, ge=0)
+    eval_batches: int = num(20, ge=0)  # held-out batches per evaluation (0: the whole split)
     # Crash safety: the whole training state (runstate.py) is saved every `save_every` steps
     # (0: not by count), at least every `save_minutes` of wall time (0: not by time), on
     # SIGTERM/SIGINT and at the end; the newest `keep_states` are kept.
-    save_every: int = 500
-    save_minutes: float = 5.0
-    keep_states: int = 2
-    max_nonfinite: int = 10  # non-finite losses in a row (each update skipped) before stopping
-    log_every: int = 20
+    save_every: int = num(500, ge=0)
+    save_minutes: float = num(5.0, ge=0)
+    keep_states: int = num(2, ge=1)
+    # non-finite losses in a row (each update skipped) before the run stops
+    max_nonfinite: int = num(10, ge=1)
+    log_every: int = num(20, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    num_workers: int = 0  # DataLoader workers per process
+    num_workers: int = num(0, ge=0)  # DataLoader workers per process
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if self.warmup_steps > self.steps:
+            # Refused rather than scaled: a schedule that silently changes is worse.
+            yield (f"'{k('warmup_steps')}' ({self.warmup_steps}) is more than "
+                   f"'{k('steps')}' ({self.steps}): the learning rate would never finish "
+                   f"warming up; pass e.g. --set {k('warmup_steps')}="
+                   f"{max(self.steps // 10, 0)} (10% of the steps)")
 
 
 @dataclass
 class ExtractCfg:
-    """Region features from pixels (vlp extract-features)."""
+    """Region features from pixels (vlp extract-features).
+
+    The defaults suit real photos (a 640 x 480 photo is fed to the backbone at 299 x 224); the
+    demo's 64-pixel images use recipes/tiny.yaml's own sizes.
+    """
 
     backbone: Literal["efficientnet-lite0"] = "efficientnet-lite0"
-    min_size: int = 224  # shorter image side fed to the backbone
-    max_size: int = 640  # cap on the longer side, bounds memory on huge images
-    roi_output: int = 3  # RoIAlign grid per box, averaged into one vector
+    min_size: int = num(224, ge=1)  # shorter image side fed to the backbone
+    max_size: int = num(640, ge=1)  # cap on the longer side, bounds memory on huge images
+    roi_output: int = num(3, ge=1)  # RoIAlign grid per box, averaged into one vector
     # Boxes and tags: "yolov3-tiny" (embedded COCO detector), "darknet" (detector_cfg,
     # detector_weights, detector_labels), or "grid" (whole image plus grid x grid cells, no
     # tags). --boxes FILE overrides all three.
@@ -62,31 +128,49 @@ class ExtractCfg:
     detector_cfg: str = ""
     detector_weights: str = ""
     detector_labels: str = ""
-    detector_input: int = 0  # network input side; 0 = the cfg's width
+    detector_input: int = num(0, ge=0)  # network input side, a multiple of 32; 0 = the cfg's
     # Every box above this low threshold is kept; recipes choose at read time (data.conf_th,
     # min_boxes, max_boxes), so one extraction serves every recipe.
-    keep_conf_th: float = 0.05
-    nms_iou: float = 0.45
-    max_detections: int = 100
-    fallback_grid: int = 3
-    batch_size: int = 32
-    num_workers: int = 0
-    commit_every: int = 256  # records per LMDB write transaction
+    keep_conf_th: float = prob(0.05)
+    nms_iou: float = prob(0.45)
+    max_detections: int = num(100, ge=1)
+    fallback_grid: int = num(3, ge=1)
+    batch_size: int = num(32, ge=1)
+    num_workers: int = num(0, ge=0)
+    commit_every: int = num(256, ge=1)  # records per LMDB write transaction
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if self.min_size > self.max_size:
+            yield (f"'{k('min_size')}' ({self.min_size}) is more than '{k('max_size')}' "
+                   f"({self.max_size}): raise max_size or lower min_size")
+        if self.detector_input % 32:
+            yield (f"'{k('detector_input')}' must be 0 (the cfg's size) or a multiple of 32, "
+                   f"got {self.detector_input}")
+
+
+# `[CLS] word [SEP] tag [SEP]`: three special tokens and at least one word and one tag.
+MIN_TEXT_LEN = 5
 
 
 @dataclass
 class DataCfg:
     """How examples are assembled from a corpus and a feature store (shared by every stage)."""
 
-    max_text_len: int = 35  # [CLS] words [SEP] tags [SEP], in word pieces (Oscar pre-training: 35)
-    max_tag_len: int = 15  # word pieces of tags kept at most, before pair truncation
-    max_regions: int = 50  # regions fed to the model (Oscar: 50)
-    conf_th: float = 0.2  # read-time box selection, UNITER's policy: conf >= 0.2 ...
-    min_boxes: int = 10  # ... but at least 10 ...
-    max_boxes: int = 100  # ... and at most 100 boxes
+    # [CLS] words [SEP] tags [SEP], in word pieces (Oscar pre-training: 35)
+    max_text_len: int = num(35, ge=MIN_TEXT_LEN, why="[CLS] word [SEP] tag [SEP] needs 5")
+    max_tag_len: int = num(15, ge=0)  # word pieces of tags kept at most, before pair truncation
+    max_regions: int = num(50, ge=1)  # regions fed to the model (Oscar: 50)
+    conf_th: float = prob(0.2)  # read-time box selection, UNITER's policy: conf >= 0.2 ...
+    min_boxes: int = num(10, ge=0)  # ... but at least 10 ...
+    max_boxes: int = num(100, ge=1)  # ... and at most 100 boxes
     image_region: bool = True  # prepend the whole-image region (no tag) when the store has one
     pos_kind: Literal["uniter7", "oscar6"] = "uniter7"
     use_tags: bool = True
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if self.min_boxes > self.max_boxes:
+            yield (f"'{k('min_boxes')}' ({self.min_boxes}) is more than '{k('max_boxes')}' "
+                   f"({self.max_boxes})")
 
 
 @dataclass
@@ -94,9 +178,11 @@ class CorpusCfg:
     """Corpus building (vlp build-corpus)."""
 
     tokenizer: str = "embedded:minilm"  # HF tokenizer dir or hub id
-    val_fraction: float = 0.1  # of train images held out as 'val' (by image, never by example)
-    max_answers: int = 3129  # VQA answer vocabulary size (VQA v2 practice)
-    seed: int = 0
+    # Of train images, moved to 'val' when the sources give no val split (by image, never by
+    # example); 0 keeps every train image for training.
+    val_fraction: float = num(0.1, ge=0, lt=1, why="1 would leave no training images")
+    max_answers: int = num(3129, ge=1)  # VQA answer vocabulary size (VQA v2 practice)
+    seed: int = num(0, ge=0, le=2**32 - 1)
 
 
 @dataclass
@@ -104,7 +190,7 @@ class ModelCfg:
     """The single-stream encoder and its heads."""
 
     init: str = "embedded:minilm"  # HF BERT checkpoint dir or hub id; "random:tiny" for tests
-    img_dropout: float = 0.1
+    img_dropout: float = prob(0.1)
 
 
 @dataclass
@@ -112,21 +198,26 @@ class PretrainCfg:
     """Oscar pre-training: masked token loss over words and tags, polluted-tag contrastive."""
 
     train: TrainCfg = field(default_factory=TrainCfg)
-    mask_prob: float = 0.15
+    mask_prob: float = prob(0.15)
     # Oscar: with p=0.5 the pair is polluted: its tags are replaced by another image's.
-    pollute_prob: float = 0.5
+    pollute_prob: float = prob(0.5)
     # Oscar+ (VinVL): of that, p=0.25 (absolute, as `texta_false_prob` in the Oscar code)
     # replaces the caption instead, and the [CLS] head classifies 3 ways. 0 keeps Oscar's
     # binary loss.
-    caption_pollute_prob: float = 0.0
-    contrastive_weight: float = 1.0
+    caption_pollute_prob: float = prob(0.0)
+    contrastive_weight: float = num(1.0, ge=0)
     text: list[str] = field(default_factory=lambda: ["caption"])  # corpus kinds used as text
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if self.caption_pollute_prob > self.pollute_prob:
+            yield (f"'{k('caption_pollute_prob')}' ({self.caption_pollute_prob:g}) is a part "
+                   f"of '{k('pollute_prob')}' ({self.pollute_prob:g}) and cannot exceed it")
 
 
 @dataclass
 class VqaCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
-    max_text_len: int = 128
+    max_text_len: int = num(128, ge=MIN_TEXT_LEN, why="[CLS] word [SEP] tag [SEP] needs 5")
     classifier: Literal["linear", "mlp"] = "mlp"
 
 
@@ -137,18 +228,19 @@ class RetrievalCfg:
     # probability, among examples whose image has the same tags: tags are Oscar's anchors, and
     # negatives that share them teach the model to look past them (a cheap stand-in for
     # UNITER's mined hard negatives).
-    shared_tag_negatives: float = 0.0
-    eval_images: int = 1000  # images in the all-pairs evaluation (0: every unique-caption image)
-    eval_batch_size: int = 256
+    shared_tag_negatives: float = prob(0.0)
+    # images in the all-pairs evaluation (0: every unique-caption image)
+    eval_images: int = num(1000, ge=0)
+    eval_batch_size: int = num(256, ge=1)
 
 
 @dataclass
 class CaptioningCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
-    mask_prob: float = 0.15
-    max_masked: int = 3  # Oscar: at most 3 masked caption tokens per example
-    label_smoothing: float = 0.1
-    max_caption_len: int = 20  # word pieces of caption, in training and decoding
+    mask_prob: float = prob(0.15)
+    max_masked: int = num(3, ge=1)  # Oscar: at most 3 masked caption tokens per example
+    label_smoothing: float = num(0.1, ge=0, lt=1, why="1 would make every target uniform")
+    max_caption_len: int = num(20, ge=1)  # word pieces of caption, in training and decoding
 
 
 @dataclass
@@ -156,7 +248,7 @@ class Recipe:
     """A whole recipe. Sections a stage does not use are carried along untouched."""
 
     name: str = "unnamed"
-    seed: int = 42
+    seed: int = num(42, ge=0, le=2**32 - 1, why="numpy's seeds are unsigned 32-bit")
     extract: ExtractCfg = field(default_factory=ExtractCfg)
     corpus: CorpusCfg = field(default_factory=CorpusCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -207,14 +299,16 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         item = args[0] if args else Any
         seq = [_convert(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
         return tuple(seq) if origin is tuple else seq
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if tp is float and isinstance(value, str):
         # YAML 1.1 reads `3e-4` (no dot) as a string; accept what anyone means by it.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise VlpError(f"{source}: '{where}' must be a finite number, got {value!r}")
+        return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp is int and isinstance(value, float) and value.is_integer():
@@ -239,7 +333,29 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
             raise VlpError(f"{source}: unknown key '{where}'{hint}")
         kwargs[key] = _convert(value, hints[key], where, source)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check(obj, prefix, source)
+    return obj
+
+
+def check(obj: Any, prefix: str = "", source: str = "recipe") -> None:
+    """Refuse out-of-range values and inconsistent pairs in one section (not its subsections,
+    which `_build` checks as it builds them), naming the dotted key."""
+    def k(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    for f in dataclasses.fields(obj):
+        rng = f.metadata.get("range")
+        if rng is None:
+            continue
+        value = getattr(obj, f.name)
+        for i, v in enumerate(value) if isinstance(value, tuple) else [(None, value)]:
+            if not rng.ok(v):
+                where = k(f.name) + (f"[{i}]" if i is not None else "")
+                why = f" ({rng.why})" if rng.why else ""
+                raise VlpError(f"{source}: '{where}' must be {rng.text()}{why}, got {v!r}")
+    for problem in getattr(obj, "problems", lambda _: ())(k):
+        raise VlpError(f"{source}: {problem}")
 
 
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
@@ -268,17 +384,44 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
     return data
 
 
-def load_recipe_data(path: str | Path) -> dict:
-    """Read a recipe file as plain data (safe YAML only)."""
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped in recipes/ (`vlp pretrain tiny` finds recipes/tiny.yaml)."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+
+
+def resolve_recipe_path(path: str | Path) -> Path:
+    """A recipe file, or the built-in of the same name.
+
+    `tiny`, and also a path such as `recipes/tiny.yaml` that does not exist here (the README's
+    examples, run outside the clone), fall back to the built-in recipe of that stem.
+    """
     path = Path(path)
-    if not path.is_file():
-        builtin = Path(__file__).resolve().parent.parent / "recipes" / f"{path.name}.yaml"
-        if not path.suffix and builtin.is_file():
-            path = builtin
-        else:
-            raise VlpError(f"recipe {path} not found: pass a YAML file (see recipes/)")
+    if path.is_file():
+        return path
+    names = ", ".join(builtin_recipes())
+    if path.is_dir():
+        raise VlpError(f"recipe {path} is a folder: pass a YAML file or a built-in recipe name "
+                       f"({names})")
+    builtin = BUILTIN_DIR / f"{path.stem}.yaml"
+    if path.suffix in ("", ".yaml", ".yml") and builtin.is_file():
+        if path.suffix or len(path.parts) > 1:
+            logger.info("recipe %s is not here: using vlp's built-in recipe '%s' (%s)", path,
+                        path.stem, builtin)
+        return builtin
+    raise VlpError(f"recipe {path} not found: pass a YAML file or a built-in recipe name "
+                   f"({names})")
+
+
+def load_recipe_data(path: str | Path) -> dict:
+    """Read a recipe file (or a built-in recipe by name) as plain data (safe YAML only)."""
+    path = resolve_recipe_path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise VlpError(f"recipe {path}: not a text file (expected YAML)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -287,19 +430,76 @@ def load_recipe_data(path: str | Path) -> dict:
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Recipe:
-    """Load and check a recipe.
+                base: dict | None = None, source: str | None = None) -> Recipe:
+    """Load and check a recipe: every key, type and range.
 
     Args:
-        path: the recipe YAML, or None to start from `base` (or the defaults).
+        path: the recipe YAML (or a built-in name), or None to start from `base` (or the
+            defaults).
         overrides: `a.b=c` strings applied on top.
         base: plain data used when `path` is None (e.g. the recipe stored in a checkpoint).
+        source: how error messages name the recipe (default: the path, or "recipe").
     """
-    data = load_recipe_data(path) if path is not None else dict(base or {})
-    source = str(path) if path is not None else "recipe"
+    data = load_recipe_data(path) if path is not None else copy.deepcopy(base or {})
+    source = source or (str(path) if path is not None else "recipe")
     if overrides:
         data = apply_overrides(data, list(overrides))
     return recipe_from_dict(data, source)
+
+
+# What a default does that a user may not expect, said with it.
+_DEFAULT_NOTES = {
+    "corpus.val_fraction": "of the train images moved to 'val' when the sources name no val "
+                           "split",
+}
+
+
+def defaults_used(recipe: Recipe, data: dict, overrides: list[str] | None,
+                  sections: list[str]) -> dict[str, list[str]]:
+    """Per section of `sections` that `data` (the recipe file) does not have, the settings that
+    --set does not give either, as `key value` strings: what vlp chose, not the user."""
+    given = {item.split("=", 1)[0].strip() for item in overrides or []}
+    out: dict[str, list[str]] = {}
+
+    def walk(obj: Any, prefix: str, items: list[str]) -> None:
+        for f in dataclasses.fields(obj):
+            key, value = f"{prefix}.{f.name}", getattr(obj, f.name)
+            if key in given:
+                continue
+            if dataclasses.is_dataclass(value):
+                walk(value, key, items)
+            elif value != "":
+                shown = list(value) if isinstance(value, tuple) else value
+                note = f" ({_DEFAULT_NOTES[key]})" if key in _DEFAULT_NOTES else ""
+                items.append(f"{key[len(section) + 1:]} {shown}{note}")
+
+    for section in sections:
+        if isinstance(data, dict) and section in data:
+            continue
+        items: list[str] = []
+        walk(getattr(recipe, section), section, items)
+        if items:
+            out[section] = items
+    return out
+
+
+def load_stage_recipe(path: str | Path | None, overrides: list[str] | None,
+                      sections: list[str]) -> Recipe:
+    """`load_recipe` for a command, saying once (INFO) which of the settings it reads were not
+    the user's: with no recipe, vlp's defaults for `sections`; with one that lacks a section,
+    the defaults for that section."""
+    data = load_recipe_data(path) if path is not None else {}
+    recipe = load_recipe(None, overrides, base=data,
+                         source=str(path) if path is not None else "--set")
+    chosen = defaults_used(recipe, data, overrides, sections)
+    if chosen:
+        what = "; ".join(f"{s}.* ({', '.join(items)})" for s, items in chosen.items())
+        if path is None:
+            logger.info("no --recipe: using vlp's defaults for %s", what)
+        else:
+            logger.info("recipe %s has no %s: using vlp's defaults for %s", path,
+                        " or ".join(f"'{s}' section" for s in chosen), what)
+    return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import CaptionDataset
 from vlp_cli.data.examples import ExampleBuilder, ImageInput
 from vlp_cli.decoding import greedy_captions
+from vlp_cli.outputs import check_writable
 from vlp_cli.stages.common import check_features
 from vlp_cli.stages.evaluate import device
 from vlp_cli.stores.corpus import Corpus
@@ -46,13 +48,26 @@ def regions_from_images(images: Path, boxes: Path | None, meta: dict, builder: E
     return keys, out
 
 
-def run(checkpoint: Path, out: Path, recipe: Recipe, features: Path | None = None,
+def output_path(out: str | Path) -> Path:
+    """The JSONL file to write: `out`, or `out/captions.jsonl` when `out` is an existing folder
+    or ends with a slash."""
+    if str(out).endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / "captions.jsonl"
+    return Path(out)
+
+
+def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None = None,
         images: Path | None = None, boxes: Path | None = None, corpus: Path | None = None,
         split: str = "test", limit: int | None = None) -> Path:
     """Caption images given as a feature store (optionally with a corpus for references) or
-    as an image folder, greedy decoding; one JSON line per image."""
+    as an image folder, greedy decoding; one JSON line per image.
+
+    `out` is the JSONL file, or a folder (existing, or written with a trailing slash) that
+    gets `captions.jsonl`.
+    """
     if (features is None) == (images is None):
         raise VlpError("pass either --features DIR or --images DIR")
+    out = check_writable(output_path(out), file=True)
     quiet_transformers()
     model, tok, meta = load_checkpoint(checkpoint)
     if meta.get("task") != "captioning":
@@ -81,7 +96,6 @@ def run(checkpoint: Path, out: Path, recipe: Recipe, features: Path | None = Non
     ds = CaptionDataset(None, builder, np.zeros(0), recipe.captioning,  # type: ignore[arg-type]
                         recipe.data.max_text_len + recipe.captioning.max_caption_len, 0)
     captions = greedy_captions(model, ds, inputs, tok, device=device())
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for k, cap in zip(keys, captions):

@@ -17,6 +17,7 @@ from vlp_cli.config import Recipe
 from vlp_cli.console import progress
 from vlp_cli.data.datasets import CaptionDataset, Collator, RetrievalTrainDataset, VqaDataset
 from vlp_cli.data.examples import ExampleBuilder
+from vlp_cli.outputs import check_writable
 from vlp_cli.decoding import greedy_captions
 from vlp_cli.stages.common import open_checkpoint_inputs
 from vlp_cli.stores.corpus import Corpus
@@ -150,6 +151,10 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, recipe: Recip
     """Score `checkpoint` on `task` over a corpus split; write metrics JSON and predictions."""
     if task not in TASKS:
         raise VlpError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    out = Path(out) if out is not None else Path(checkpoint) / f"eval-{split}.json"
+    # Refused now, not after the whole evaluation has run.
+    check_writable(out, file=True)
+    check_writable(out.with_suffix(".predictions.jsonl"), file=True)
     quiet_transformers()
     o = open_checkpoint_inputs(checkpoint, corpus, features)
     model, tok, meta, c, store = o.model, o.tokenizer, o.meta, o.corpus, o.features
@@ -165,10 +170,17 @@ def run(task: str, checkpoint: Path, corpus: Path, features: Path, recipe: Recip
     else:
         metrics, preds = evaluate_captioning(model, tok, c, builder, recipe, split, limit)
     result = {"task": task, "split": split, "checkpoint": str(checkpoint), **metrics}
-    out = Path(out) if out is not None else Path(checkpoint) / f"eval-{split}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    with out.with_suffix(".predictions.jsonl").open("w", encoding="utf-8") as f:
-        for p in preds:
-            f.write(json.dumps(p) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        with out.with_suffix(".predictions.jsonl").open("w", encoding="utf-8") as f:
+            for p in preds:
+                f.write(json.dumps(p) + "\n")
+    except OSError as exc:
+        # The folder was writable when the run started; keep the metrics an evaluation cost.
+        from vlp_cli.console import out as stdout
+
+        stdout.print_json(json.dumps(result))
+        raise VlpError(f"could not write {exc.filename or out} ({exc.strerror or exc}); the "
+                       "metrics are printed above") from None
     return result
