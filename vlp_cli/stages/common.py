@@ -112,7 +112,8 @@ def checkpoint_recipe(checkpoint: Path, recipe: Path | None, overrides: list[str
         return load_recipe(recipe, overrides)
     stored = Path(checkpoint) / "recipe.yaml"
     base = load_recipe_data(stored) if stored.is_file() else {}
-    return load_recipe(None, overrides, base=base)
+    return load_recipe(None, overrides, base=base,
+                       source=str(stored) if stored.is_file() else "recipe")
 
 
 # Keys of a training section that may differ between a run and its resumption: they change
