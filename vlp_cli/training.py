@@ -344,7 +344,10 @@ def train(
     task.train()
     with StopRequest() as stop, progress(disable=not accelerator.is_main_process) as bar:
         bar_task = bar.add_task(description, total=cfg.steps, completed=step)
-        window_bad = False
+        # Non-finite losses of this accumulation window (a tensor: no device sync per
+        # micro-batch) and the statistics that wait to be added until the window is judged.
+        window_bad = torch.zeros((), device=accelerator.device)
+        window_stats: list[Stats] = []
         while step < cfg.steps:
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
@@ -357,19 +360,20 @@ def train(
                 with accelerator.accumulate(task):
                     with accelerator.autocast():
                         loss, stats = task(batch)
-                    finite = bool(torch.isfinite(loss.detach()).all())
+                    window_bad = window_bad + (~torch.isfinite(loss.detach())).any().float()
+                    window_stats.append(stats)
                     accelerator.backward(loss)
-                    window_bad |= not finite
-                    if finite:
-                        meter.add(stats)
                     if accelerator.sync_gradients:
                         # One collective per step carries every shared decision.
-                        flags = torch.tensor(
-                            [float(window_bad), float(stop.signum),
-                             float(time.time() - last_save >= cfg.save_minutes * 60)],
-                            device=accelerator.device)
+                        timer = cfg.save_minutes > 0 and \
+                            time.time() - last_save >= cfg.save_minutes * 60
+                        flags = torch.cat([window_bad.reshape(1), torch.tensor(
+                            [float(stop.signum), float(timer)], device=accelerator.device)])
                         flags = accelerator.reduce(flags, reduction="sum").tolist()
                         skip = flags[0] > 0
+                        if not skip:
+                            for st in window_stats:
+                                meter.add(st)
                         faults.point("step:mid")
                         if not skip:
                             if cfg.max_grad_norm > 0:
@@ -378,7 +382,8 @@ def train(
                         optimizer.zero_grad(set_to_none=True)
                 if not accelerator.sync_gradients:
                     continue
-                window_bad = False
+                window_bad = torch.zeros((), device=accelerator.device)
+                window_stats = []
                 scheduler.step()
                 step += 1
                 if skip:
