@@ -43,7 +43,8 @@ def describe(path: Path) -> dict:
             from vlp_cli.stores.features import FeatureStore
 
             # Describing is reading: an unfinished store is shown as it is (complete: false).
-            info = FeatureStore(path, allow_incomplete=True).describe(DataCfg().conf_th)
+            store = FeatureStore(path, allow_incomplete=True, warn=False)
+            info = store.describe(DataCfg().conf_th)
         elif schema == "vlp.corpus" and is_lmdb_dir(path):
             from vlp_cli.stores.corpus import Corpus
 

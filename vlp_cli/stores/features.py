@@ -18,12 +18,12 @@ re-extracts the images that changed. Schema-1 stores (no checksums) are still re
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -93,10 +93,11 @@ class FeatureStore:
     """Read-only access to a feature store (one LMDB, or shards read as one).
 
     Environments open lazily in each process, read-only and without locks. A store whose
-    extraction has not finished (`complete: false`) is refused unless `allow_incomplete`.
+    extraction has not finished (`complete: false`) is refused unless `allow_incomplete`
+    (then a warning says how many images are missing, unless `warn=False`: describing).
     """
 
-    def __init__(self, path: str | Path, allow_incomplete: bool = False):
+    def __init__(self, path: str | Path, allow_incomplete: bool = False, warn: bool = True):
         self.path = Path(path)
         if not self.path.exists():
             raise VlpError(f"feature store {self.path} does not exist: run `vlp extract-features`")
@@ -122,7 +123,7 @@ class FeatureStore:
         self.extractor_fingerprint: str = extractor_fingerprint(first)
         self.complete: bool = all(m.get("complete") for m in self.part_metas)
         if not self.complete:
-            self._incomplete(allow_incomplete)
+            self._incomplete(allow_incomplete, warn)
         self.fingerprint: str = self._fingerprint()
 
     def _check_parts(self) -> None:
@@ -144,7 +145,7 @@ class FeatureStore:
                 raise VlpError(f"{p} differs from {parts[0]} in its extractor fingerprint: "
                                "shards of one store must come from the same extractor")
 
-    def _incomplete(self, allow: bool) -> None:
+    def _incomplete(self, allow: bool, warn: bool) -> None:
         have = len(self)
         planned = [m.get("planned_images") for m in self.part_metas]
         total = sum(planned) if all(isinstance(n, int) for n in planned) else None
@@ -155,8 +156,9 @@ class FeatureStore:
                            "interrupted or is still running; rerun the same `vlp "
                            f"extract-features ... --out {self.path}` to finish it, or pass "
                            "--allow-incomplete to use the images there")
-        logger.warning("%s is incomplete (%s): using the %d images there", self.path, missing,
-                       have)
+        if warn:
+            logger.warning("%s is incomplete (%s): using the %d images there", self.path,
+                           missing, have)
 
     def _fingerprint(self) -> str:
         """Extractor configuration + content; shards combine their content digests."""

@@ -33,6 +33,8 @@ HEADER_V1 = struct.Struct("<4sHHIIIIII")  # version 1: 32 bytes, no checksum
 _SEEDED = HEADER_V1.size  # the header bytes that seed the checksum (all but the checksum)
 FLAG_PROBS = 1
 FLAG_IMAGE = 2
+_UNPACK = HEADER.unpack_from
+_XXH3 = xxhash.xxh3_64_intdigest
 
 
 def _pad8(n: int) -> int:
@@ -170,7 +172,20 @@ def decode_regions(buf: bytes | memoryview, limit: int | None = None, copy: bool
     Raises:
         DamagedRecord: the checksum does not match or the record does not parse.
     """
-    flags, k, d, c, width, height, lay = _unpack(buf, version)
+    if version == RECORD_VERSION and len(buf) >= HEADER.size:
+        # The data loader's hot path, inlined: one header unpack, the checksum over the bytes
+        # where they lie (the map), one layout lookup; `_unpack` only to name a failure.
+        magic, got, flags, k, d, c, width, height, _, want = _UNPACK(buf)
+        mv = memoryview(buf)
+        if magic != MAGIC or got != RECORD_VERSION or _XXH3(
+                mv[HEADER.size:], _XXH3(mv[:_SEEDED])) != want:
+            _unpack(buf, version)
+        lay = _LAYOUTS.get((k, d, c, flags, HEADER.size)) or _layout(k, d, c, flags,
+                                                                     HEADER.size)
+        if lay[6] != len(buf):
+            raise DamagedRecord(f"{len(buf)} bytes where its header says {lay[6]}")
+    else:
+        flags, k, d, c, width, height, lay = _unpack(buf, version)
     n = k
     if select is not None:
         n = select_count(np.ndarray((k,), np.float32, buf, lay[3]), *select)
@@ -196,6 +211,9 @@ def select_count(confidences: np.ndarray, conf_th: float, min_boxes: int, max_bo
     return int(min(len(confidences), max(min_boxes, min(above, max_boxes))))
 
 
+_SIZES: dict[tuple[int, int], np.ndarray] = {}
+
+
 def position_features(boxes: np.ndarray, width: int, height: int,
                       kind: str = "uniter7") -> np.ndarray:
     """Box geometry normalised by image size.
@@ -205,10 +223,15 @@ def position_features(boxes: np.ndarray, width: int, height: int,
     """
     if kind not in ("oscar6", "uniter7"):
         raise ValueError(f"unknown position kind {kind!r}")
-    b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    b = boxes if isinstance(boxes, np.ndarray) and boxes.dtype == np.float32 and \
+        boxes.ndim == 2 else np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     out = np.empty((len(b), 7 if kind == "uniter7" else 6), np.float32)
     # Written in place, column blocks at once: a read calls this per image (float32 throughout).
-    size = np.array([max(width, 1), max(height, 1)] * 2, np.float32)
+    size = _SIZES.get((width, height))
+    if size is None:  # a store holds few image sizes: one small array each, made once
+        size = np.array([max(width, 1), max(height, 1)] * 2, np.float32)
+        if len(_SIZES) < 4096:
+            _SIZES[(width, height)] = size
     np.divide(b, size, out=out[:, :4])
     np.subtract(out[:, 2:4], out[:, :2], out=out[:, 4:6])
     if kind == "uniter7":
