@@ -29,7 +29,7 @@ META_DB = b"meta"
 DATA_DB = b"data"
 MAX_KEY_BYTES = 511  # LMDB's compiled-in key limit
 _INITIAL_MAP = 1 << 34  # 16 GiB of address space; grown on demand
-_REBUILD = ("the store is damaged: rebuild it (vlp extract-features or vlp build-corpus "
+_REBUILD = ("the vlp store is damaged: rebuild it (vlp extract-features or vlp build-corpus "
             "into a new --out)")
 
 # LMDB's meta pages (pages 0 and 1 of data.mdb, 64-bit build): a 16-byte page header, then
