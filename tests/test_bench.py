@@ -154,6 +154,7 @@ def test_store_read_bench_is_well_formed() -> None:
     for name in ("over_uniter_code", "over_memmap", "memmap_over_uniter"):
         assert part[name]["ratio"] > 0 and len(part[name]["ratios"]) == 1
     assert part["copy_path"]["over_uniter"]["ratio"] > 0
+    assert part["checksum"]["us_per_record"] > 0 and part["checksum"]["share_of_vlp_read"] > 0
     assert part["records"] == 12 and part["reads_per_rep"] == 20
     assert r["ratio"] == part["ratio"] and r["met"] == part["met"]
 

@@ -80,7 +80,7 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     info = json.loads(vlp("inspect", f, "--json"))
     assert info["kind"] == "feature store" and info["images"] == 16
     assert info["feature_dim"] == 1280 and info["boxes_per_image"]["max"] == 1
-    assert set(info["top_tags"]) <= {"circle", "rectangle", "triangle"}
+    assert set(info["images_per_tag (conf >= 0.2)"]) <= {"circle", "rectangle", "triangle"}
 
     vlp("build-corpus", images["data"], "--features", f, "--out", c, *sets())
     info = json.loads(vlp("inspect", c, "--json"))

@@ -202,6 +202,9 @@ def build_corpus(
     features: Features, out: Out,
     skip_missing: Annotated[bool, typer.Option(help="Skip examples whose image has no "
                             "features instead of failing.")] = False,
+    allow_incomplete: Annotated[bool, typer.Option(help="Use a feature store whose extraction "
+                                "has not finished (a warning says how many images are "
+                                "missing).")] = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Captions, questions and pairs + features -> a tokenised corpus (LMDB).
@@ -225,7 +228,7 @@ def build_corpus(
     _writable(out)
     with _output(out):
         corpus.run(sources, features, out, _recipe(recipe, sets, ["corpus"]),
-                   skip_missing=skip_missing)
+                   skip_missing=skip_missing, allow_incomplete=allow_incomplete)
 
 
 @app.command("import-features")
@@ -460,6 +463,29 @@ def inspect(
         typer.echo(json.dumps(info, indent=2, default=str))
     else:
         stage.show(info)
+
+
+@app.command()
+@_friendly
+def verify(
+    path: Annotated[Path, typer.Argument(help="A feature store (or folder of shards), corpus, "
+                                              "or checkpoint directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Read every record and check its checksum; exit 1 if anything is damaged.
+
+    Examples:
+
+        vlp verify feats/
+
+        vlp verify corpus/ --json
+    """
+    from vlp_cli.stages import verify as stage
+
+    ok, text = stage.run(path, as_json)
+    typer.echo(text)
+    if not ok:
+        raise typer.Exit(1)
 
 
 @app.command()

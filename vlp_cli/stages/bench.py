@@ -164,4 +164,9 @@ def run(name: str, reps: int = 5) -> dict:
                       f"{verdict}); per-rep {r['ratios']}")
             for part, pr in (r.get("parts") or {}).items():
                 out.print(f"  {part}: ratio {pr.get('ratio')} per-rep {pr.get('ratios')}")
+                if "checksum" in pr:  # store-read: what verifying each record costs
+                    cs = pr["checksum"]
+                    out.print(f"    record checksum: {cs['us_per_record']} us per "
+                              f"{cs['record_kib']} KiB record, {cs['share_of_vlp_read']:.0%} "
+                              "of a vlp read")
     return results

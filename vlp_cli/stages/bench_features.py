@@ -4,9 +4,9 @@
   real store) over images/s of the bare detector + backbone forward on the same images,
   decoded and batched beforehand. What the pipeline adds to the two networks.
 * `bench_store_read`: random reads/s of the feature store as the training loader reads it
-  (selection, float32 batch slot) over the same records stored UNITER's way (msgpack of
-  msgpack_numpy arrays in LMDB), and over a numpy memmap of fixed-size arrays (an upper
-  bound: no format at all).
+  (record checksum, selection, float32 batch slot) over the same records stored UNITER's way
+  (msgpack of msgpack_numpy arrays in LMDB), and over a numpy memmap of fixed-size arrays (an
+  upper bound: no format at all); plus what the checksum alone costs per record.
 * `bench_extract_memory`: peak RSS of extracting 4,000 images over 1,000 (each in a fresh
   process): flat memory means a ratio near 1.
 """
@@ -334,6 +334,8 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
                target: float, seed: int) -> dict:
     """The store-read ratios at one record scale."""
     from vlp_cli.stores.features import FeatureStore, FeatureStoreWriter
+    from vlp_cli.stores.lmdb_env import LazyReader
+    from vlp_cli.stores.records import record_checksum
     from vlp_cli.stores.uniter_style import UniterStyleReader, UniterStyleWriter
 
     recs = synthetic_records(records, scale, seed)
@@ -390,6 +392,16 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
         slot_feats[: len(feats)] = feats
         slot_pos[: len(pos)] = pos
 
+    # The checksum alone, over the records' bytes where they lie in the map (the same random
+    # order, so mostly out of cache, as the read arms meet them).
+    views = [LazyReader(tmp / "vlp").view(k.encode()) for k in order]
+
+    def checksums() -> float:
+        start = time.perf_counter()
+        for v in views:
+            record_checksum(v)
+        return len(views) / (time.perf_counter() - start)
+
     def memmap_loader(k: str) -> None:
         i = mm.index[k]
         n = select_count(mm.arrays["confidences"][i], *SELECTION)
@@ -405,7 +417,11 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
         "vlp_copy": timed(lambda k: store.get_selected(k, *SELECTION)),
         "uniter_copy": timed(reader.get),
         "memmap_copy": timed(lambda k: mm.get_selected(k, *SELECTION)),
+        "checksum": checksums,
     }, reps)
+    checksum_us = 1e6 / statistics.median(rates.pop("checksum"))
+    record_bytes = statistics.mean(len(v) for v in views)
+    del views
     reader.close()
     store.close()
     result = ratio_summary(rates, "vlp", "uniter", target)
@@ -422,6 +438,11 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
         copy_path={"over_uniter": ratio("vlp_copy", "uniter_copy"),
                    "over_memmap": ratio("vlp_copy", "memmap_copy")},
         per_s={name: round(statistics.median(v), 1) for name, v in rates.items()},
+        # Included in every vlp read above; here alone, per record and as a share of a read.
+        checksum={"us_per_record": round(checksum_us, 2),
+                  "record_kib": round(record_bytes / 1024, 1),
+                  "share_of_vlp_read": round(
+                      checksum_us * statistics.median(rates["vlp"]) / 1e6, 3)},
         records=records, reads_per_rep=reads, regions=scale.regions, dim=scale.dim,
         classes=scale.classes,
         store_mib={k: round(v / 2**20, 1) for k, v in store_bytes.items()})
@@ -437,14 +458,16 @@ def bench_store_read(reps: int, records: int = 2000, reads: int = 4000, target: 
     slot as float32 features and 7-d positions. vlp reads views into the memory map and
     converts the features into the slot in one pass (`rows_into`, the collator's own code);
     the UNITER arm unpacks the msgpack value (a copy of every array of the record), then
-    fills the slot with the same code. Each part also reports:
+    fills the slot with the same code. vlp's read checks the record's xxh3 checksum (every
+    byte of the record is hashed); UNITER's format has none. Each part also reports:
 
     * `over_uniter_code`: against UNITER's data.py as written (`torch.tensor(..).float()`, the
       area appended by `torch.cat`, then copied into the batch);
     * `over_memmap` and `memmap_over_uniter`: against the same bytes as fixed-size numpy
       memmaps (no format at all; an upper bound);
     * `copy_path`: each store's own read returning compact copies of the selected rows,
-      with no consumer.
+      with no consumer;
+    * `checksum`: the checksum alone, in microseconds per record and as a share of vlp's read.
 
     The page cache is warm (the stores were just written): this measures what each format
     costs the CPU, not the disk.
@@ -461,10 +484,10 @@ def bench_store_read(reps: int, records: int = 2000, reads: int = 4000, target: 
         with tempfile.TemporaryDirectory() as tmp:
             parts[name] = _read_part(Path(tmp), scale, records, reads, reps, target, seed=i)
     result = _combine(parts, target)
-    result["what"] = ("random reads/s, read-time box selection and float32 batch slot "
-                      "included: vlp feature store / UNITER-style msgpack LMDB read with "
-                      "the same consumer (parts also give UNITER's code as written, a numpy "
-                      "memmap and the copy-only path)")
+    result["what"] = ("random reads/s, vlp's record checksum, read-time box selection and "
+                      "float32 batch slot included: vlp feature store / UNITER-style msgpack "
+                      "LMDB read with the same consumer (parts also give UNITER's code as "
+                      "written, a numpy memmap, the copy-only path and the checksum's cost)")
     return result
 
 

@@ -1,4 +1,9 @@
-"""vlp build-corpus: captions / questions + a feature store -> a tokenised corpus store."""
+"""vlp build-corpus: captions / questions + a feature store -> a tokenised corpus store.
+
+Input rules: a blank caption or question is dropped (and counted), never trained on; a
+question needs at least one answer; test answers outside the answer vocabulary (which can
+only score 0) are counted; moving train images to val is logged with the key that does it.
+"""
 
 from __future__ import annotations
 
@@ -50,58 +55,107 @@ def easy_vqa_examples(workdir: Path) -> list[dict]:
     return examples
 
 
-def jsonl_examples(spec: str) -> list[dict]:
-    """`[SPLIT=]FILE.jsonl` with captions `{"image", "caption"}` or questions
-    `{"image", "question", "answers": [...]}`; a line's own "split" field wins."""
-    split = None
-    path_s = spec
-    if "=" in spec and spec.split("=", 1)[0] in SPLITS:
+def _split_spec(spec: str) -> tuple[str | None, Path]:
+    """(split or None, file) of `[SPLIT=]FILE`; a file whose own name holds '=' also works."""
+    if "=" in spec and not Path(spec).is_file():
         split, path_s = spec.split("=", 1)
-    path = Path(path_s)
+        if split in SPLITS:
+            return split, Path(path_s)
+        if split and not any(c in split for c in "/\\."):
+            raise VlpError(f"unknown split {split!r} in {spec!r}: use train, val or test")
+    path = Path(spec)
     if not path.is_file():
         raise VlpError(f"source {spec!r}: not 'easy-vqa' and not an existing JSONL file")
+    return None, path
+
+
+def jsonl_examples(spec: str) -> list[dict]:
+    """`[SPLIT=]FILE.jsonl` with captions `{"image", "caption"}` or questions
+    `{"image", "question", "answers": [...]}`; a line's own "split" field wins.
+
+    Blank captions and questions are dropped with a logged count.
+    """
+    split, path = _split_spec(spec)
+    if not path.is_file():
+        raise VlpError(f"source {spec!r}: {path} is not an existing JSONL file")
     out = []
+    blank = 0
     for where, rec in iter_jsonl(path, "source"):
         s = rec.get("split", split or "train")
         if s not in SPLITS:
             raise VlpError(f"{where}: 'split' must be one of {', '.join(SPLITS)}, got {s!r}")
         base = {"split": s, "image": rec["image"], "where": where}
-        if isinstance(rec.get("caption"), str) and rec["caption"].strip():
+        if isinstance(rec.get("caption"), str):
+            if not rec["caption"].strip():
+                blank += 1
+                continue
             out.append({**base, "kind": "caption", "text": rec["caption"].strip()})
-        elif isinstance(rec.get("question"), str) and rec["question"].strip():
+        elif isinstance(rec.get("question"), str):
             answers = rec.get("answers")
             if isinstance(answers, str):
                 answers = [answers]
             if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
                 raise VlpError(f"{where}: 'answers' must be a list of strings "
                                "(ten for VQA v2, one for single-answer sets)")
+            if not answers:
+                raise VlpError(f"{where}: 'answers' is empty: give at least one answer (ten "
+                               "for VQA v2, one for single-answer sets)")
+            if not rec["question"].strip():
+                blank += 1
+                continue
             out.append({**base, "kind": "vqa", "text": rec["question"].strip(),
                         "answers": answers,
                         "qid": rec.get("question_id", f"{path.stem}-{where.rsplit(' ', 1)[-1]}")})
         else:
-            raise VlpError(f"{where}: needs a non-empty 'caption' or 'question' field")
+            raise VlpError(f"{where}: needs a 'caption' or 'question' field (a string)")
+    if blank:
+        logger.warning("%s: %d blank captions or questions dropped", path, blank)
     return out
 
 
-def carve_val(examples: list[dict], cfg: CorpusCfg) -> None:
+def carve_val(examples: list[dict], cfg: CorpusCfg) -> tuple[int, int]:
     """When no example is in 'val', move a fraction of the train images (all their examples)
-    there: held-out numbers never see a training image."""
+    there: held-out numbers never see a training image. Returns (images, examples) moved."""
     if any(e["split"] == "val" for e in examples) or cfg.val_fraction <= 0:
-        return
+        return 0, 0
     train_images = sorted({e["image"] for e in examples if e["split"] == "train"})
     rng = np.random.default_rng(cfg.seed)
     n = int(round(len(train_images) * cfg.val_fraction))
     val = set(rng.choice(train_images, size=n, replace=False).tolist()) if n else set()
+    moved = 0
     for e in examples:
         if e["split"] == "train" and e["image"] in val:
             e["split"] = "val"
+            moved += 1
+    if n:
+        logger.info("no 'val' split given: moved %d of %d train images (%d examples) to val "
+                    "(corpus.val_fraction=%g; set it to 0 to keep them in train)", n,
+                    len(train_images), moved, cfg.val_fraction)
+    return n, moved
+
+
+def warn_unscorable(examples: list[dict], answers: list[str]) -> int:
+    """Count (and log) test questions none of whose answers is in the vocabulary: whatever
+    the model answers, they score 0."""
+    vocab = set(answers)
+    test = [e for e in examples if e["kind"] == "vqa" and e["split"] == "test"]
+    lost = [e for e in test if not vocab.intersection(e["answers"])]
+    if lost:
+        outside = {a for e in test for a in e["answers"] if a not in vocab}
+        logger.warning("%d of %d test questions have no answer in the %d-answer vocabulary "
+                       "(%d distinct test answers are outside it): they score 0 whatever the "
+                       "model answers", len(lost), len(test), len(answers), len(outside))
+    return len(lost)
 
 
 def run(sources: list[str], features: Path, out: Path, recipe: Recipe,
-        skip_missing: bool = False) -> Path:
-    """Build a corpus from `sources` (`easy-vqa` or `[SPLIT=]FILE.jsonl`, any number)."""
+        skip_missing: bool = False, allow_incomplete: bool = False) -> Path:
+    """Build a corpus from `sources` (`easy-vqa` or `[SPLIT=]FILE.jsonl`, any number).
+
+    A feature store whose extraction has not finished is refused unless `allow_incomplete`.
+    """
     cfg = recipe.corpus
-    store = FeatureStore(features)
+    store = FeatureStore(features, allow_incomplete=allow_incomplete)
     tok = load_tokenizer(cfg.tokenizer)
     writer = CorpusWriter(out, {})
     try:
@@ -137,6 +191,7 @@ def _build(sources: list[str], store: FeatureStore, tok: object, writer: CorpusW
     answers = build_answer_vocab(
         (e["answers"] for e in examples if e["kind"] == "vqa" and e["split"] != "test"),
         max_size=cfg.max_answers)
+    warn_unscorable(examples, answers)
     answer_index = {a: i for i, a in enumerate(answers)}
     with progress() as bar:
         task = bar.add_task("tokenise", total=len(examples))

@@ -2,7 +2,9 @@
 
 Streaming and restartable: images are decoded in DataLoader workers and written one LMDB
 transaction per batch, so memory stays flat however large the folder, a killed run loses at
-most the batch in flight, and a rerun into the same store skips the keys already there.
+most the batch in flight, and a rerun into the same store skips the keys already there,
+unless their image file changed since (size or content hash): those are extracted again. A
+store belongs to one source folder; extracting another folder into it is refused.
 Under `accelerate launch` (or torchrun) each of N processes takes every N-th image and writes
 its own shard `shard-RRRRR-of-NNNNN/`; readers take the folder of shards as one store.
 """
@@ -27,8 +29,9 @@ from vlp_cli.console import progress
 from vlp_cli.extractors.images import (ImageFolder, collate_decoded, list_images,
                                        one_torch_thread, read_boxes_jsonl)
 from vlp_cli.extractors.pipeline import Extractor
-from vlp_cli.stores.features import FeatureStore, FeatureStoreWriter, Regions, shard_name, \
-    store_parts
+from vlp_cli.stores.features import FeatureStoreWriter, Regions, shard_name, store_parts
+from vlp_cli.stores.integrity import file_signature
+from vlp_cli.stores.lmdb_env import LazyReader
 
 logger = logging.getLogger(__name__)
 FAILURES = "failures.jsonl"
@@ -65,9 +68,31 @@ def _existing_keys(out: Path, own: Path) -> set[str]:
     """Keys already in other shards of `out` (a rerun with another process count)."""
     keys: set[str] = set()
     for part in store_parts(out) if out.exists() else []:
-        if part.resolve() != own.resolve():
-            keys.update(FeatureStore(part).keys())
+        if part.resolve() != own.resolve():  # other shards may be unfinished: keys only
+            keys.update(bytes(k).decode() for k in LazyReader(part).keys())
     return keys
+
+
+def _signature(path: Path) -> bytes | None:
+    """The file's (size, content hash), or None when it cannot be read (decoding reports it)."""
+    try:
+        return file_signature(path)
+    except OSError:
+        return None
+
+
+def _changed(files: list[tuple[str, Path]], writer: FeatureStoreWriter,
+             ) -> dict[str, bytes | None]:
+    """Stored keys whose image file is no longer the one extracted, with its new signature."""
+    stored = [(k, p) for k, p in files if k in writer]
+    if stored:
+        logger.info("checking %d stored images against their files", len(stored))
+    out = {}
+    for key, path in stored:
+        sig = _signature(path)
+        if sig is None or writer.changed(key, sig):
+            out[key] = sig
+    return out
 
 
 def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
@@ -118,22 +143,26 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
             logger.warning("%d of %d images have no entry in %s: they get the whole-image "
                            "region only", missing, len(files), boxes)
     extractor = Extractor(cfg, given)
-    meta = {**extractor.meta(), "source": str(root)}
+    meta = {**extractor.meta(), "source": str(root.resolve())}
     skip = _existing_keys(out, target) if sharded else set()
-    writer = FeatureStoreWriter(target, meta, commit_every=cfg.commit_every)
+    writer = FeatureStoreWriter(target, meta, commit_every=cfg.commit_every, planned=len(files))
     if derived is not None:
         shutil.move(str(derived), target / derived.name)
         logger.info("easy-VQA boxes and shape tags derived from the pixels: %s",
                     target / derived.name)
-    todo = [(k, p) for k, p in files if k not in writer and k not in skip]
-    if len(todo) < len(files):
-        logger.info("resuming %s: %d of %d images already there", target,
-                    len(files) - len(todo), len(files))
+    changed = _changed(files, writer)
+    todo = [(k, p) for k, p in files if (k not in writer or k in changed) and k not in skip]
+    if len(todo) < len(files) or changed:
+        logger.info("resuming %s: %d of %d images already there%s", target,
+                    len(files) - len(todo) + len(changed), len(files),
+                    f", {len(changed)} of them changed since: extracting those again"
+                    if changed else "")
     if draw is not None:
         from vlp_cli.extractors.draw import draw_regions
 
         draw.mkdir(parents=True, exist_ok=True)
     failures = 0
+    paths = dict(todo)
     start = time.time()
     with progress() as bar, (target / FAILURES).open("a", encoding="utf-8") as report:
         task = bar.add_task("extract", total=len(todo))
@@ -143,10 +172,15 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
                 if error is not None:
                     failures += 1
                     report.write(json.dumps({"image": key, "error": error}) + "\n")
+                    if key in changed:  # its old features describe an image that is gone
+                        writer.remove(key)
                     continue
-                writer.put(key, regions)
+                sig = changed.get(key) or _signature(paths[key])
+                writer.put(key, regions, source=sig, replace=key in changed)
                 if draw is not None:
-                    draw_regions(decoded, regions, extractor.labels, draw / key, recipe.data)
+                    # The key's own name plus .jpg: cat.png and cat.jpg stay two drawings.
+                    draw_regions(decoded, regions, extractor.labels, draw / f"{key}.jpg",
+                                 recipe.data)
             writer.flush()  # one transaction per batch: a kill loses at most this batch
             report.flush()
             bar.advance(task, len(batch))

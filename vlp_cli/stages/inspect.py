@@ -32,14 +32,20 @@ def describe(path: Path) -> dict:
                 "first": first}
     if checkpoint.is_checkpoint(path):
         return checkpoint.describe(path)
-    if is_lmdb_dir(path):
-        meta = LazyReader(path).meta("store") or {}
+    from vlp_cli.stores.features import store_parts
+
+    parts = store_parts(path) if path.is_dir() else []  # one LMDB, or a folder of shards
+    if parts:
+        meta = LazyReader(parts[0]).meta("store") or {}
         schema = meta.get("schema")
         if schema == "vlp.features":
+            from vlp_cli.config import DataCfg
             from vlp_cli.stores.features import FeatureStore
 
-            info = FeatureStore(path).describe()
-        elif schema == "vlp.corpus":
+            # Describing is reading: an unfinished store is shown as it is (complete: false).
+            store = FeatureStore(path, allow_incomplete=True, warn=False)
+            info = store.describe(DataCfg().conf_th)
+        elif schema == "vlp.corpus" and is_lmdb_dir(path):
             from vlp_cli.stores.corpus import Corpus
 
             info = Corpus(path).describe()

@@ -11,24 +11,34 @@ Object tags are not baked in: the data loader reads them from the feature store 
 box selection as the features. The metadata record holds the tokenizer's identity, the feature
 store's fingerprint, the answer vocabulary, and per-example lengths and (kind, split) indices
 as int32 arrays for length-aware batching.
+
+Integrity (schema 2): each value is an 8-byte little-endian xxh3-64 checksum of the JSON that
+follows it, checked on every read; the metadata holds the checksums of the length and index
+arrays. Schema-1 corpora (no checksums) are still read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vlp_cli import VlpError, __version__
-from vlp_cli.stores.features import fingerprint
+from vlp_cli.stores.integrity import checksum, fingerprint
 from vlp_cli.stores.lmdb_env import LazyReader, Writer, is_lmdb_dir
 
+logger = logging.getLogger(__name__)
+
 SCHEMA = "vlp.corpus"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: checksums; 1: vlp 0.1
+READABLE_VERSIONS = (1, 2)
+_NOTED_LEGACY: set[str] = set()
 KINDS = ("caption", "vqa")
 SPLITS = ("train", "val", "test")
 
@@ -68,7 +78,8 @@ class CorpusWriter:
         if split not in SPLITS:
             raise ValueError(f"example split must be one of {SPLITS}, got {split!r}")
         i = self._n
-        self._w.put(_key(i), json.dumps(example, separators=(",", ":")).encode())
+        blob = json.dumps(example, separators=(",", ":")).encode()
+        self._w.put(_key(i), checksum(blob).to_bytes(8, "little") + blob)
         self._lengths.append(len(example["ids"]))
         self._index[(kind, split)].append(i)
         self._n += 1
@@ -88,10 +99,12 @@ class CorpusWriter:
         self.meta["fingerprint"] = fingerprint(
             {k: self.meta.get(k) for k in ("created", "examples", "counts", "sources",
                                            "tokenizer", "features")})
-        self._w.put_meta("lengths", np.asarray(self._lengths, np.int32).tobytes(), raw=True)
+        arrays = {"lengths": np.asarray(self._lengths, np.int32).tobytes()}
         for (kind, split), idx in self._index.items():
-            self._w.put_meta(f"index/{kind}/{split}", np.asarray(idx, np.int32).tobytes(),
-                             raw=True)
+            arrays[f"index/{kind}/{split}"] = np.asarray(idx, np.int32).tobytes()
+        for name, blob in arrays.items():
+            self._w.put_meta(name, blob, raw=True)
+        self.meta["array_checksums"] = {name: checksum(blob) for name, blob in arrays.items()}
         self._w.put_meta("store", self.meta)
         self._w.close()
         if self.path.exists():
@@ -111,12 +124,56 @@ class Corpus:
         meta = self._reader.meta("store")
         if not meta or meta.get("schema") != SCHEMA:
             raise VlpError(f"{self.path} is not a vlp corpus store")
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in READABLE_VERSIONS:
             raise VlpError(f"{self.path}: corpus schema version {meta.get('schema_version')}, "
-                           f"this vlp reads {SCHEMA_VERSION}; rebuild it with `vlp build-corpus`")
+                           f"this vlp reads {', '.join(map(str, READABLE_VERSIONS))}; rebuild "
+                           "it with `vlp build-corpus`")
         self.meta: dict = meta
-        raw = self._reader.meta_bytes("lengths") or b""
-        self.lengths = np.frombuffer(raw, np.int32).copy()
+        self.checksums: bool = meta["schema_version"] >= 2
+        if not self.checksums and str(self.path.resolve()) not in _NOTED_LEGACY:
+            _NOTED_LEGACY.add(str(self.path.resolve()))
+            logger.info("note: %s was written by an older vlp (corpus schema 1): its records "
+                        "carry no checksums, so damage cannot be detected; rebuild it with "
+                        "`vlp build-corpus` to get them", self.path)
+        self.lengths = np.frombuffer(self._array("lengths"), np.int32).copy()
+
+    def _damaged(self, what: str, why: str) -> VlpError:
+        return VlpError(f"{self.path} {what} is damaged ({why}): rebuild the corpus with "
+                        f"`vlp build-corpus` (or run `vlp verify {self.path}`)")
+
+    def _array(self, name: str) -> bytes:
+        """A metadata array (lengths, an index), checked against its recorded checksum."""
+        raw, why = self._array_checked(name)
+        if why is not None:
+            raise self._damaged(f"array {name!r}", why)
+        return raw
+
+    def _array_checked(self, name: str) -> tuple[bytes, str | None]:
+        raw = self._reader.meta_bytes(name) or b""
+        want = self.meta.get("array_checksums", {}).get(name) if self.checksums else None
+        if want is not None and checksum(raw) != want:
+            return raw, "checksum mismatch"
+        if len(raw) % 4:
+            return raw, f"{len(raw)} bytes, not int32s"
+        return raw, None
+
+    def _decode(self, buf: bytes | memoryview) -> tuple[dict | None, str | None]:
+        """(example, None), or (None, why damaged)."""
+        if self.checksums:
+            if len(buf) < 8:
+                return None, f"{len(buf)} bytes, shorter than its checksum"
+            body = memoryview(buf)[8:]
+            if checksum(body) != int.from_bytes(buf[:8], "little"):
+                return None, "checksum mismatch"
+        else:
+            body = memoryview(buf)
+        try:
+            example = json.loads(bytes(body))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, "not valid JSON"
+        if not isinstance(example, dict):
+            return None, "not a JSON object"
+        return example, None
 
     def __len__(self) -> int:
         return int(self.meta["examples"])
@@ -126,13 +183,24 @@ class Corpus:
         return list(self.meta.get("answers", []))
 
     def get(self, i: int) -> dict:
-        raw = self._reader.get(_key(i))
+        raw = self._reader.view(_key(i))
         if raw is None:
             raise IndexError(i)
-        return json.loads(raw)
+        example, why = self._decode(raw)
+        if example is None:
+            raise self._damaged(f"record {i}", str(why))
+        return example
+
+    def scan(self) -> Iterator[tuple[str, str | None]]:
+        """Every record and metadata array, checked: (what, why damaged or None)."""
+        for name in ("lengths", *(k for k in self.meta.get("array_checksums", {})
+                                  if k != "lengths")):
+            yield f"array {name!r}", self._array_checked(name)[1]
+        for key, buf in self._reader.items():
+            yield f"record {int.from_bytes(key, 'big')}", self._decode(buf)[1]
 
     def indices(self, kind: str, split: str) -> np.ndarray:
-        raw = self._reader.meta_bytes(f"index/{kind}/{split}")
+        raw = self._array(f"index/{kind}/{split}")
         return np.frombuffer(raw, np.int32).copy() if raw else np.zeros(0, np.int32)
 
     def require(self, kind: str, split: str) -> np.ndarray:
@@ -149,6 +217,7 @@ class Corpus:
             "path": str(self.path),
             "examples": len(self),
             "counts": self.meta.get("counts", {}),
+            "checksums": self.checksums,
             "length": {"min": int(self.lengths.min()) if len(self.lengths) else 0,
                        "mean": round(float(self.lengths.mean()), 2) if len(self.lengths) else 0,
                        "max": int(self.lengths.max()) if len(self.lengths) else 0},
