@@ -221,3 +221,23 @@ def test_no_pickle_in_package_code() -> None:
             if re.search(r"allow_pickle\s*=\s*True|yaml\.load\(|yaml\.unsafe_load", code):
                 bad.append(f"{path.name}:{n}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_error_from_a_dataloader_worker_is_one_line() -> None:
+    """A damaged record found by a worker process reaches the user as its own line."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from vlp_cli.errors import user_message
+
+    class Damaged(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> int:
+            raise VlpError("features/ record 'a.png' is damaged (checksum mismatch)")
+
+    with pytest.raises(VlpError) as info:
+        next(iter(DataLoader(Damaged(), num_workers=1)))
+    assert "Traceback" in str(info.value)  # torch's wrapping, which the CLI unwraps
+    assert user_message(info.value, []) == \
+        "features/ record 'a.png' is damaged (checksum mismatch)"

@@ -61,6 +61,8 @@ AutoResume = Annotated[bool, typer.Option("--auto-resume", help="Continue the ru
                        "when it has a saved state, start it otherwise (for job schedulers that "
                        "requeue a killed job with the same command).")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+AllowIncomplete = Annotated[bool, typer.Option(help="Use a feature store whose extraction has "
+                            "not finished (a warning says how many images are missing).")]
 
 
 def _friendly(fn: Callable) -> Callable:
@@ -202,9 +204,7 @@ def build_corpus(
     features: Features, out: Out,
     skip_missing: Annotated[bool, typer.Option(help="Skip examples whose image has no "
                             "features instead of failing.")] = False,
-    allow_incomplete: Annotated[bool, typer.Option(help="Use a feature store whose extraction "
-                                "has not finished (a warning says how many images are "
-                                "missing).")] = False,
+    allow_incomplete: AllowIncomplete = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Captions, questions and pairs + features -> a tokenised corpus (LMDB).
@@ -394,6 +394,7 @@ def caption(
                       "a corpus split, with their reference captions.")] = None,
     split: Annotated[str, typer.Option(help="Split of --corpus.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="At most N images.")] = None,
+    allow_incomplete: AllowIncomplete = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Captioning checkpoint + images or features -> captions (JSONL).
@@ -411,7 +412,7 @@ def caption(
 
     stage.run(checkpoint, out, _checkpoint_recipe(checkpoint, recipe, sets),
               features=features, images=images, boxes=boxes, corpus=corpus, split=split,
-              limit=limit)
+              limit=limit, allow_incomplete=allow_incomplete)
 
 
 @app.command()
@@ -537,7 +538,9 @@ def main() -> None:
     except VlpError as exc:
         if _debug:
             raise
-        typer.secho(f"error: {exc}", fg="red", err=True)
+        from vlp_cli.errors import worker_message
+
+        typer.secho(f"error: {worker_message(str(exc))}", fg="red", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         typer.secho("interrupted", fg="red", err=True)

@@ -45,6 +45,19 @@ def _json_file(tb: TracebackType | None) -> str | None:
     return found
 
 
+def worker_message(message: str) -> str:
+    """The user's line inside a VlpError re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception as the same class whose message is the whole worker
+    traceback ("Caught VlpError in DataLoader worker process 0. Original Traceback ...");
+    the line that matters is the last, after the class name.
+    """
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        tail = message.rstrip().splitlines()[-1]
+        return tail.split("VlpError: ", 1)[1] if "VlpError: " in tail else tail
+    return message
+
+
 def user_message(exc: BaseException, user_paths: list[Path]) -> str | None:
     """One line for an exception a user caused, or None for a bug (keep the traceback).
 
@@ -54,7 +67,7 @@ def user_message(exc: BaseException, user_paths: list[Path]) -> str | None:
             one of them is the user's; one elsewhere (a package file) is a bug.
     """
     if isinstance(exc, VlpError):
-        return str(exc)
+        return worker_message(str(exc))
     name = getattr(exc, "filename", None)
     if isinstance(exc, IsADirectoryError):
         return f"{name} is a folder, where a file is expected: pass a file path"

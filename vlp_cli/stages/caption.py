@@ -58,7 +58,7 @@ def output_path(out: str | Path) -> Path:
 
 def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None = None,
         images: Path | None = None, boxes: Path | None = None, corpus: Path | None = None,
-        split: str = "test", limit: int | None = None) -> Path:
+        split: str = "test", limit: int | None = None, allow_incomplete: bool = False) -> Path:
     """Caption images given as a feature store (optionally with a corpus for references) or
     as an image folder, greedy decoding; one JSON line per image.
 
@@ -77,7 +77,7 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
     model.to(device()).eval()
     refs: dict[str, list[str]] = {}
     if features is not None:
-        store = FeatureStore(features)
+        store = FeatureStore(features, allow_incomplete=allow_incomplete)
         check_features(meta, store, checkpoint)
         builder = ExampleBuilder(tok, store, recipe.data)
         if corpus is not None:

@@ -38,7 +38,9 @@ def seed_everything(seed: int) -> None:
 def open_inputs(corpus: Path, features: Path) -> Inputs:
     """Open a corpus and a feature store and check that the corpus was built on these features."""
     c = Corpus(corpus)
-    f = FeatureStore(features)
+    # An unfinished extraction was accepted, or refused, when this corpus was built from it
+    # (build-corpus --allow-incomplete); the content fingerprint below pins that very store.
+    f = FeatureStore(features, allow_incomplete=True, warn=False)
     want = c.meta.get("features", {})
     if want.get("fingerprint") != f.fingerprint:
         raise VlpError(
@@ -87,16 +89,23 @@ def check_features(meta: dict, store: FeatureStore, checkpoint: Path) -> None:
     if want.get("feature_dim") != store.feature_dim:
         raise VlpError(f"checkpoint {checkpoint} expects {want.get('feature_dim')}-d features, "
                        f"{store.path} holds {store.feature_dim}-d ones")
-    if want.get("fingerprint") != store.fingerprint:
+    # The extractor's identity, not the content's: a checkpoint serves any images extracted
+    # the same way. Checkpoints written before stores had content fingerprints recorded the
+    # extractor's under "fingerprint".
+    have = store.extractor_fingerprint
+    if want.get("extractor_fingerprint", want.get("fingerprint")) != have:
         raise VlpError(
             f"checkpoint {checkpoint} was trained on features from extractor "
-            f"{want.get('extractor', {}).get('name')} ({want.get('fingerprint')}); {store.path} "
-            f"holds {store.fingerprint}: extract features with the same configuration")
+            f"{(want.get('extractor') or {}).get('name')} "
+            f"({want.get('extractor_fingerprint', want.get('fingerprint'))}); {store.path} "
+            f"was extracted with {have}: extract features with the same configuration")
 
 
 def features_meta(store: FeatureStore) -> dict:
     """What a checkpoint records about its features, so later stages can match or refuse."""
-    return {"fingerprint": store.fingerprint, "feature_dim": store.feature_dim,
+    return {"fingerprint": store.fingerprint,
+            "extractor_fingerprint": store.extractor_fingerprint,
+            "feature_dim": store.feature_dim,
             "extractor": store.meta.get("extractor"), "labels": store.labels}
 
 
