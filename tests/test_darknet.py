@@ -573,8 +573,11 @@ def test_yolov3_tiny_matches_opencv(yolo: Detector) -> None:
         # OpenCV reports objectness x class and zeroes those at or below 0.2.
         scores = rows[:, 5:] * rows[:, 4:5]
         shown = ref[:, 5:] > 0
-        assert shown.any()
-        assert np.abs(scores[shown] - ref[:, 5:][shown]).max() < 1e-4
+        # Darknet's dog photo shows scores in every head; the pip fallback photos (Darknet
+        # absent) may show none in a head, which then checks only the zeroed side.
+        assert shown.any() or not (DARKNET_DATA / "dog.jpg").is_file()
+        if shown.any():
+            assert np.abs(scores[shown] - ref[:, 5:][shown]).max() < 1e-4
         assert scores[~shown].max() <= 0.2 + 1e-4
 
 
