@@ -96,3 +96,5 @@ def test_damage_is_one_line(tiny_data: dict, vqa_ckpt: Path, tmp_path: Path, cas
     assert want in out and "Traceback" not in out
     assert len([x for x in out.splitlines() if x.startswith("error")]) == 1, out
     assert not (ck.parent / f"{ck.name}-eval.json").exists()
+    res = CliRunner().invoke(app, ["verify", str(ck)])
+    assert res.exit_code == 1 and want in res.output and "Traceback" not in res.output

@@ -94,3 +94,23 @@ def test_drawings_keep_the_original_file_name(tmp_path: Path) -> None:
     extract.run(str(imgs), tmp_path / "f", _recipe(), draw=tmp_path / "drawn")
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["cat.jpg.jpg",
                                                                       "cat.png.jpg"]
+
+
+def test_images_gone_from_the_source_are_said(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    import logging
+    import shutil
+
+    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.config import load_recipe
+    from vlp_cli.stages import extract
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        shutil.copy(easy_vqa_root() / "train" / "images" / f"{i}.png", imgs / f"{i}.png")
+    recipe = load_recipe(None, ["extract.detector=grid", "extract.min_size=64"])
+    extract.run(str(imgs), tmp_path / "f", recipe)
+    (imgs / "1.png").unlink()
+    with caplog.at_level(logging.WARNING):
+        extract.run(str(imgs), tmp_path / "f", recipe)
+    assert "1 images in" in caplog.text and "no longer in" in caplog.text

@@ -262,18 +262,3 @@ def test_schema_1_stores_still_open_with_one_note(tmp_path: Path,
     assert report.ok and report.schema_version == 1 and not report.checksums
     with pytest.raises(VlpError, match="older vlp.*choose a new --out"):
         FeatureStoreWriter(tmp_path / "f", {"extractor": {"name": "old"}, "feature_dim": 16})
-
-
-def test_verify_checkpoint_dispatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlp_cli import checkpoint
-
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "meta.json").write_text("{}")
-    monkeypatch.delattr(checkpoint, "verify_checkpoint", raising=False)
-    result = CliRunner().invoke(app, ["verify", str(tmp_path)])
-    assert result.exit_code == 1 and "not supported yet" in result.output
-    monkeypatch.setattr(checkpoint, "verify_checkpoint",
-                        lambda p: {"ok": False, "damaged": ["model.safetensors"]},
-                        raising=False)
-    result = CliRunner().invoke(app, ["verify", str(tmp_path)])
-    assert result.exit_code == 1 and "model.safetensors" in result.output

@@ -90,6 +90,8 @@ def test_resume_needs_a_state_and_auto_resume_starts(tiny_data: dict, tmp_path: 
     assert json.loads((out / "meta.json").read_text())["step"] == 2
     _pretrain(tiny_data, out, ["pretrain.train.steps=3"], auto_resume=True)  # continues
     assert [r["step"] for r in _rows(out) if r["split"] == "train"] == [1, 2, 3]
+    with pytest.raises(VlpError, match=r"at step 3, past pretrain\.train\.steps=2"):
+        _pretrain(tiny_data, out, ["pretrain.train.steps=2"], resume=True)
 
 
 def test_resume_refuses_another_run(tiny_data: dict, tmp_path: Path) -> None:
@@ -101,8 +103,8 @@ def test_resume_refuses_another_run(tiny_data: dict, tmp_path: Path) -> None:
     _pretrain(tiny_data, pre, ["pretrain.train.steps=2"])
     before = (pre / "model.safetensors").read_bytes()
     recipe = load_recipe("tiny", tiny_recipe_sets())
-    with pytest.raises(VlpError, match="holds a 'pretrain pretrain' run, not 'finetune "
-                                       "retrieval'"):
+    with pytest.raises(VlpError, match="holds a pre-training run, not a fine-tuning run "
+                                       "for retrieval"):
         finetune.run("retrieval", pre, tiny_data["corpus"], tiny_data["features"], pre, recipe,
                      resume=True)
     with pytest.raises(VlpError, match=r"recipe\.pretrain\.train\.lr: 0\.0002 in the saved "
@@ -183,7 +185,9 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(
     out = tmp_path / "nan"
     _pretrain(tiny_data, out, ["pretrain.train.steps=5"])
     rows = [r for r in _rows(out) if r["split"] == "train"]
-    assert [r["step"] for r in rows if r.get("nonfinite")] == [2, 3]
+    skipped = [r for r in _rows(out) if r["split"] == "skipped"]
+    assert [r["step"] for r in skipped] == [2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]  # each step once
     assert rows[-1]["nonfinite_skipped"] == 2
     w = _weights(out)
     assert all(torch.isfinite(v).all() for v in w.values())
@@ -241,3 +245,35 @@ def test_error_from_a_dataloader_worker_is_one_line() -> None:
     assert "Traceback" in str(info.value)  # torch's wrapping, which the CLI unwraps
     assert user_message(info.value, []) == \
         "features/ record 'a.png' is damaged (checksum mismatch)"
+
+
+def test_dataloader_workers_read_the_stores(tiny_data: dict, tmp_path: Path) -> None:
+    """Worker processes open their own store handles (py-lmdb refused the inherited ones), and
+    the run is the same as without workers."""
+    _pretrain(tiny_data, tmp_path / "w0", ["pretrain.train.steps=3"])
+    _pretrain(tiny_data, tmp_path / "w2", ["pretrain.train.steps=3",
+                                            "pretrain.train.num_workers=2"])
+    a, b = _weights(tmp_path / "w0"), _weights(tmp_path / "w2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_inspect_and_verify_a_training_state(tiny_data: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from vlp_cli.cli import app
+
+    out = tmp_path / "run"
+    _pretrain(tiny_data, out, ["pretrain.train.steps=2"])
+    state = out / "state" / "step-00000002"
+    info = json.loads(CliRunner().invoke(app, ["inspect", str(state), "--json"]).stdout)
+    assert info["kind"] == "training state" and info["step"] == 2
+    assert info["run"] == "a pre-training run"
+    ck = json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json"]).stdout)
+    assert [s["step"] for s in ck["training_states"]] == [2]
+    res = CliRunner().invoke(app, ["verify", str(state)])
+    assert res.exit_code == 0 and res.stdout.strip().endswith("OK"), res.output
+    res = CliRunner().invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0 and "training states checked: 1" in res.stdout, res.output
+    (state / "trainer.json").write_text("{}")
+    res = CliRunner().invoke(app, ["verify", str(state)])
+    assert res.exit_code == 1 and "trainer.json is damaged" in res.output

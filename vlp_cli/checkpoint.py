@@ -18,6 +18,7 @@ matching features from raw images.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -71,7 +72,37 @@ def tokenizer_identity(tok: Any) -> dict:
 
 def is_checkpoint(path: str | Path) -> bool:
     p = Path(path)
+    finish_interrupted_save(p)
     return (p / CONFIG).is_file() and (p / META).is_file()
+
+
+def finish_interrupted_save(p: Path) -> None:
+    """Complete a checkpoint save that a kill interrupted while it moved files into place.
+
+    `save_checkpoint` writes every file and then the manifest into `.checkpoint-partial/`
+    before moving any: a partial folder holding a manifest is a complete new checkpoint, so
+    its remaining files are moved (roll forward); one without is a save that never finished
+    writing, and the checkpoint beside it is the old one, whole (dropped).
+    """
+    import shutil
+
+    tmp = p / PARTIAL
+    if not tmp.is_dir():
+        return
+    try:
+        if (tmp / MANIFEST).is_file():
+            for f in sorted(tmp.iterdir()):
+                if f.name != MANIFEST:
+                    os.replace(f, p / f.name)
+            os.replace(tmp / MANIFEST, p / MANIFEST)
+            tmp.rmdir()
+            logging.getLogger(__name__).warning(
+                "%s: completed a checkpoint save that was interrupted", p)
+        else:
+            shutil.rmtree(tmp)
+    except OSError as exc:
+        raise VlpError(f"{p}: a checkpoint save was interrupted and cannot be completed here "
+                       f"({exc.strerror}): run the same command where {p} is writable") from None
 
 
 def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, meta: dict,
@@ -248,6 +279,8 @@ def describe(directory: str | Path) -> dict:
     cfg = _read_json(p / CONFIG, f"checkpoint {p}")
     from safetensors import SafetensorError
 
+    from vlp_cli.runstate import list_states
+
     n = 0
     try:
         with safe_open(str(p / WEIGHTS), framework="pt") as f:
@@ -271,6 +304,7 @@ def describe(directory: str | Path) -> dict:
                                              "num_attention_heads", "vocab_size")},
         "img_feat_dim": cfg.get("img_feat_dim"),
         "num_answers": cfg.get("num_answers"),
-        "resumable": any((p / "state").glob("step-*")) if (p / "state").is_dir() else False,
+        "resumable": bool(list_states(p)),
+        "training_states": list_states(p),
         "meta": {k: v for k, v in meta.items() if k != "answers"},
     }

@@ -160,7 +160,7 @@ def extract_features(
     = None,
     draw: Annotated[Optional[Path], typer.Option(help="Also write each image with its boxes "
                     "and tags drawn into this folder.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Only the first N images.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N images.", min=1)] = None,
     strict: Annotated[bool, typer.Option(help="Exit non-zero if any image fails.")] = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
@@ -358,7 +358,7 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Corpus split to score.")] = "test",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Metrics JSON (default: "
                    "CHECKPOINT/eval-SPLIT.json); predictions go beside it.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Score at most N questions / images.")]
+    limit: Annotated[Optional[int], typer.Option(help="Score at most N questions / images.", min=1)]
     = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
@@ -393,7 +393,7 @@ def caption(
     corpus: Annotated[Optional[Path], typer.Option("--corpus", "-c", help="Take the images of "
                       "a corpus split, with their reference captions.")] = None,
     split: Annotated[str, typer.Option(help="Split of --corpus.")] = "test",
-    limit: Annotated[Optional[int], typer.Option(help="At most N images.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most N images.", min=1)] = None,
     allow_incomplete: AllowIncomplete = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
@@ -470,16 +470,22 @@ def inspect(
 @_friendly
 def verify(
     path: Annotated[Path, typer.Argument(help="A feature store (or folder of shards), corpus, "
-                                              "or checkpoint directory.")],
+                                              "checkpoint, or training state "
+                                              "(CKPT/state/step-N) directory.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Read every record and check its checksum; exit 1 if anything is damaged.
+
+    A checkpoint's files are checked against its manifest, its weights for NaN/inf, and its
+    saved training states against theirs.
 
     Examples:
 
         vlp verify feats/
 
         vlp verify corpus/ --json
+
+        vlp verify ckpt/
     """
     from vlp_cli.stages import verify as stage
 

@@ -360,6 +360,13 @@ def identity_differences(saved: dict, now: dict) -> list[str]:
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def run_name(identity: dict) -> str:
+    """'a pre-training run', 'a fine-tuning run for vqa' (for messages)."""
+    if identity.get("stage") == "pretrain":
+        return "a pre-training run"
+    return f"a fine-tuning run for {identity.get('task')}"
+
+
 def check_resumable(out: Path, identity: dict, auto: bool = False) -> SavedState | None:
     """The state `--resume` continues from, after checking it belongs to this run.
 
@@ -376,14 +383,28 @@ def check_resumable(out: Path, identity: dict, auto: bool = False) -> SavedState
         raise VlpError(f"--resume: {out} holds no saved training state; run without --resume "
                        "(or with --auto-resume, which starts when there is none)")
     saved = state.trainer.get("identity", {})
-    where = f"{saved.get('stage')} {saved.get('task')}"
     if (saved.get("stage"), saved.get("task")) != (identity.get("stage"), identity.get("task")):
-        raise VlpError(f"--resume: {out} holds a '{where}' run, not "
-                       f"'{identity.get('stage')} {identity.get('task')}': nothing was changed; "
-                       "choose another --out")
+        raise VlpError(f"--resume: {out} holds {run_name(saved)}, not {run_name(identity)}: "
+                       "nothing was changed; choose another --out")
     diffs = identity_differences(saved, identity)
     if diffs:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
         raise VlpError(f"--resume: {out} was started with other settings or inputs: "
                        f"{diffs[0]}{more}; resume with the same ones, or choose a new --out")
     return state
+
+
+def describe_state(directory: Path) -> dict:
+    """A saved training state, for `vlp inspect` (files are not hashed: `vlp verify` does)."""
+    state = SavedState(Path(directory), {})
+    t = state.json(TRAINER)
+    ident = t.get("identity", {})
+    return {"kind": "training state", "path": str(directory), "run": run_name(ident),
+            "step": t.get("step"), "epoch": t.get("epoch"), "batch_in_epoch": t.get("position"),
+            "processes": t.get("world_size"), "nonfinite_skipped": (t.get("nonfinite") or {})
+            .get("total"), "last_train": t.get("last"), "inputs": ident.get("inputs")}
+
+
+def list_states(out: Path) -> list[dict]:
+    """The complete states of a run folder, newest first (for `vlp inspect CKPT`)."""
+    return [{"step": step, "path": str(p)} for step, p in complete_states(out)]

@@ -308,7 +308,11 @@ def train(
                                          meter, sampler, metrics_path)
         nonfinite = dict(resume_from.trainer.get("nonfinite", nonfinite))
         last, held = resume_from.trainer.get("last", {}), resume_from.trainer.get("held_out", {})
-        if step >= cfg.steps:
+        if step > cfg.steps:
+            raise VlpError(f"--resume: {out_dir} is at step {step}, past {cfg_key}.steps="
+                           f"{cfg.steps}: pass --set {cfg_key}.steps=N with N >= {step} to "
+                           "continue it (nothing was changed)")
+        if step == cfg.steps:
             logger.info("%s is already at step %d of %d", out_dir, step, cfg.steps)
 
     def save() -> None:
@@ -389,7 +393,8 @@ def train(
                 if skip:
                     nonfinite["in_a_row"] += 1
                     nonfinite["total"] += 1
-                    _nonfinite(nonfinite, step, cfg, out_dir, accelerator, metrics_path)
+                    _nonfinite(nonfinite, step, cfg, cfg_key, out_dir, accelerator,
+                               metrics_path)
                 else:
                     nonfinite["in_a_row"] = 0
                 bar.update(bar_task, completed=step)
@@ -428,11 +433,12 @@ def train(
     return TrainResult(step=step, last=last, held_out=held, seconds=time.time() - start)
 
 
-def _nonfinite(count: dict, step: int, cfg: TrainCfg, out_dir: Path, accelerator: Any,
-               metrics_path: Path) -> None:
+def _nonfinite(count: dict, step: int, cfg: TrainCfg, cfg_key: str, out_dir: Path,
+               accelerator: Any, metrics_path: Path) -> None:
     """Log a skipped step; stop the run after `cfg.max_nonfinite` of them in a row."""
     if accelerator.is_main_process:
-        _append(metrics_path, {"step": step, "split": "train", "nonfinite": True,
+        # Its own split: the "train" rows keep one row per logged step.
+        _append(metrics_path, {"step": step, "split": "skipped", "reason": "non-finite loss",
                                "nonfinite_skipped": count["total"]})
     logger.warning("step %d: non-finite loss, update skipped (%d in a row, %d in all)", step,
                    count["in_a_row"], count["total"])
@@ -440,8 +446,8 @@ def _nonfinite(count: dict, step: int, cfg: TrainCfg, out_dir: Path, accelerator
         states = runstate.complete_states(out_dir)
         good = f"the last saved state is {states[0][1]}" if states else "no state was saved"
         raise VlpError(f"step {step}: the loss was not finite for {count['in_a_row']} steps in a "
-                       f"row, so the run stopped ({good}); lower the learning rate, or check "
-                       "the inputs with `vlp verify`")
+                       f"row, so the run stopped ({good}); check the inputs with `vlp verify`, "
+                       f"or start again into a new --out with a lower {cfg_key}.lr")
 
 
 def _restore(state: runstate.SavedState, accelerator: Any, task: torch.nn.Module,

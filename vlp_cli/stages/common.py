@@ -170,6 +170,10 @@ def prepare_out(out: Path, resume: bool, identity: dict | None = None,
     check_writable(out)
     has_files = out.exists() and any(out.iterdir())
     if has_files and _killed_before_first_save(out):
+        if resume:
+            raise VlpError(f"--resume: {out} holds a run killed before its first save, so there "
+                           "is nothing to resume: run the same command without --resume (or "
+                           "with --auto-resume) to start it over")
         # Nothing there can be resumed or is worth keeping: start over instead of making the
         # user delete files by hand.
         logger.warning("%s holds a run killed before its first save: starting it over", out)
@@ -181,6 +185,16 @@ def prepare_out(out: Path, resume: bool, identity: dict | None = None,
                                             not has_files)
         return None
     if has_files:
+        state = None
+        try:
+            state = runstate.latest_state(out)
+        except VlpError:
+            pass
+        saved = state.trainer.get("identity", {}) if state is not None else {}
+        if identity and saved and (saved.get("stage"), saved.get("task")) != (
+                identity.get("stage"), identity.get("task")):
+            raise VlpError(f"{out} already holds {runstate.run_name(saved)}: choose a new --out "
+                           "(nothing was changed)")
         what = "a checkpoint" if is_checkpoint(out) else "files"
         raise VlpError(f"{out} already holds {what}: pass --resume to continue that run, or "
                        "choose a new --out (nothing was changed)")

@@ -151,6 +151,12 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
         logger.info("easy-VQA boxes and shape tags derived from the pixels: %s",
                     target / derived.name)
     changed = _changed(files, writer)
+    if limit is None and not sharded:
+        gone = len(set(writer.done) - {k.encode() for k, _ in files})
+        if gone:
+            # Kept: a store is never pruned behind its user's back, but they should know.
+            logger.warning("%d images in %s are no longer in %s: their features stay in the "
+                           "store (extract into a new --out to drop them)", gone, target, root)
     todo = [(k, p) for k, p in files if (k not in writer or k in changed) and k not in skip]
     if len(todo) < len(files) or changed:
         logger.info("resuming %s: %d of %d images already there%s", target,

@@ -32,6 +32,10 @@ def describe(path: Path) -> dict:
                 "first": first}
     if checkpoint.is_checkpoint(path):
         return checkpoint.describe(path)
+    from vlp_cli import runstate
+
+    if (path / runstate.TRAINER).is_file() and (path / runstate.MANIFEST).is_file():
+        return runstate.describe_state(path)
     from vlp_cli.stores.features import store_parts
 
     parts = store_parts(path) if path.is_dir() else []  # one LMDB, or a folder of shards

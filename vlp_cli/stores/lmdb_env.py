@@ -93,6 +93,27 @@ def lmdb_errors(path: Path) -> Iterator[None]:
 _OPEN: dict[tuple[str, int], tuple[lmdb.Environment, Any, Any, lmdb.Transaction]] = {}
 
 
+def _drop_inherited() -> None:
+    """In a forked child (a DataLoader worker): close the handles inherited from the parent.
+
+    LMDB handles must not be used across fork, and py-lmdb refuses to open an environment
+    whose files a handle of this process already has open, inherited ones included (the
+    "already open in this process" error every worker met). Closing the child's copies (read
+    only, no lock file) touches nothing of the parent's; the child then opens its own lazily.
+    """
+    pid = os.getpid()
+    for key in [k for k in _OPEN if k[1] != pid]:
+        env, _, _, txn = _OPEN.pop(key)
+        try:
+            txn.abort()
+            env.close()
+        except lmdb.Error:
+            pass
+
+
+os.register_at_fork(after_in_child=_drop_inherited)
+
+
 class LazyReader:
     """A read-only LMDB environment opened on first use in each process, shared by readers."""
 
