@@ -64,11 +64,15 @@ def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _existing_keys(out: Path, own: Path) -> set[str]:
-    """Keys already in other shards of `out` (a rerun with another process count)."""
+def _existing_keys(out: Path, own: Path, world: int) -> set[str]:
+    """Keys already in shards of `out` from a run with another process count.
+
+    The shards of this run's own process count are skipped: their images are disjoint from
+    this process's, and the other processes may be creating them at this very moment.
+    """
     keys: set[str] = set()
     for part in store_parts(out) if out.exists() else []:
-        if part.resolve() != own.resolve():  # other shards may be unfinished: keys only
+        if part.resolve() != own.resolve() and not part.name.endswith(f"-of-{world:05d}"):
             keys.update(bytes(k).decode() for k in LazyReader(part).keys())
     return keys
 
@@ -144,7 +148,7 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
                            "region only", missing, len(files), boxes)
     extractor = Extractor(cfg, given)
     meta = {**extractor.meta(), "source": str(root.resolve())}
-    skip = _existing_keys(out, target) if sharded else set()
+    skip = _existing_keys(out, target, world) if sharded else set()
     writer = FeatureStoreWriter(target, meta, commit_every=cfg.commit_every, planned=len(files))
     if derived is not None:
         shutil.move(str(derived), target / derived.name)
