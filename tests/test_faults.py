@@ -88,6 +88,7 @@ PRETRAIN_FAULTS = [
     "epoch:start@3",         # the start of the third epoch
     "save:before@2", "save:rank@2", "save:weights@2", "save:optimizer@2", "save:trainer@2",
     "save:manifest@2", "save:renamed@2",
+    "inside:trainer.json@2", "inside:rank-00000.json@2", "inside:manifest.json@3",
     "checkpoint:written@1", "checkpoint:half-moved@2",
 ]
 

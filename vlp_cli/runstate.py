@@ -82,7 +82,11 @@ def fsync_dir(path: Path) -> None:
 
 def write_bytes_durably(path: Path, data: bytes) -> None:
     with path.open("wb") as f:
-        f.write(data)
+        half = len(data) // 2
+        f.write(data[:half])
+        f.flush()
+        faults.point(f"inside:{path.name}")  # a kill with the file half written
+        f.write(data[half:])
         f.flush()
         os.fsync(f.fileno())
 
