@@ -165,15 +165,20 @@ def test_fingerprint_covers_content_and_ignores_write_order(tmp_path: Path) -> N
     assert verify_store(tmp_path / "d").ok and verify_store(tmp_path / "d").records == 10
 
 
-def test_incomplete_store_is_refused_unless_allowed(tmp_path: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
-    store = tmp_path / "features"
-    w = FeatureStoreWriter(store, META, planned=10)
+def _killed_store(store: Path, written: int, planned: int) -> Path:
+    """A feature store whose extraction was killed after `written` of `planned` images."""
+    w = FeatureStoreWriter(store, META, planned=planned)
     rng = np.random.default_rng(0)
-    for i in range(4):
+    for i in range(written):
         w.put(f"img/{i}.png", make_regions(rng, 5, 16))
     w.flush()
-    w._w.env.close()  # killed mid-way
+    w._w.env.close()  # killed mid-way: never closed, so never marked complete
+    return store
+
+
+def test_incomplete_store_is_refused_unless_allowed(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    store = _killed_store(tmp_path / "features", written=4, planned=10)
     with pytest.raises(VlpError, match=r"incomplete \(6 of 10 images missing\).*--allow-inc"):
         FeatureStore(store)
     with caplog.at_level(logging.WARNING):
@@ -187,13 +192,7 @@ def test_incomplete_store_is_refused_unless_allowed(tmp_path: Path,
 
 def test_build_corpus_refuses_an_incomplete_store_unless_allowed(tiny_data: dict,
                                                                  tmp_path: Path) -> None:
-    store = tmp_path / "features"
-    w = FeatureStoreWriter(store, META, planned=30)
-    rng = np.random.default_rng(0)
-    for i in range(24):
-        w.put(f"img/{i}.png", make_regions(rng, 5, 16))
-    w.flush()
-    w._w.env.close()
+    store = _killed_store(tmp_path / "features", written=24, planned=30)
     args = ["build-corpus", f"{tiny_data['source']}", "-f", str(store), "--skip-missing"]
     result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "c1")])
     assert result.exit_code == 1 and "incomplete (6 of 30 images missing)" in result.output
