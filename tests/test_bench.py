@@ -148,7 +148,7 @@ def test_store_read_bench_is_well_formed() -> None:
     part = r["parts"]["small"]
     assert len(part["ratios"]) == 1 and part["ratio"] > 0
     assert part["vlp_per_s"] > 0 and part["uniter_per_s"] > 0
-    assert set(part["per_s"]) == {"vlp", "uniter", "uniter_code", "memmap", "vlp_copy",
+    assert set(part["per_s"]) == {"vlp", "vlp_probs", "uniter", "uniter_code", "memmap", "vlp_copy",
                                   "uniter_copy", "memmap_copy"}
     assert all(v > 0 for v in part["per_s"].values())
     for name in ("over_uniter_code", "over_memmap", "memmap_over_uniter"):

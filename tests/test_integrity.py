@@ -223,10 +223,37 @@ def test_corpus_checksums(tmp_path: Path) -> None:
     assert report.damaged == ["record 3", "record 17"] and report.records == 40
 
 
-def _v1_record(rec: bytes) -> bytes:
-    """The same regions as vlp 0.1 wrote them: a 32-byte header, no checksum."""
-    magic, _, flags, k, d, c, w, h, _, _ = struct.unpack_from("<4sHHIIIIIIQ", rec)
-    return HEADER_V1.pack(magic, 1, flags, k, d, c, w, h, 0) + rec[40:]
+def _legacy_body(r) -> tuple[int, int, int, int, bytes]:
+    """(flags, K, D, C, arrays) as vlp 0.1 and 0.2.0 laid a record out: sorted regions, then
+    the class distribution before the whole-image feature, no positions."""
+    order = np.argsort(-r.confidences, kind="stable")
+    k, d = r.features.shape
+    arrays = [r.features.astype(np.float16)[order], r.boxes.astype(np.float32)[order],
+              r.class_ids.astype(np.int32)[order], r.confidences.astype(np.float32)[order]]
+    flags, c = 0, 0
+    if r.class_probs is not None:
+        arrays.append(r.class_probs.astype(np.float16)[order])
+        flags, c = flags | 1, r.class_probs.shape[1]
+    if r.image_feature is not None:
+        arrays.append(r.image_feature.astype(np.float16))
+        flags |= 2
+    body = b"".join(a.tobytes() + b"\0" * (-a.nbytes % 8) for a in arrays)
+    return flags, k, d, c, body
+
+
+def _v1_record(r) -> bytes:
+    """The regions as vlp 0.1 wrote them: a 32-byte header, no checksum."""
+    flags, k, d, c, body = _legacy_body(r)
+    return HEADER_V1.pack(b"VLPR", 1, flags, k, d, c, r.width, r.height, 0) + body
+
+
+def _v020_record(r) -> bytes:
+    """The regions as vlp 0.2.0 wrote them: one xxh3-64 over everything after the header."""
+    import xxhash
+    flags, k, d, c, body = _legacy_body(r)
+    head = HEADER_V1.pack(b"VLPR", 2, flags, k, d, c, r.width, r.height, 0)
+    return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(
+        body, xxhash.xxh3_64_intdigest(head))) + body
 
 
 def test_schema_1_stores_still_open_with_one_note(tmp_path: Path,
@@ -235,7 +262,7 @@ def test_schema_1_stores_still_open_with_one_note(tmp_path: Path,
     regions = {f"k{i}": make_regions(rng, 5, 16, with_probs=True) for i in range(5)}
     w = Writer(tmp_path / "f")
     for k, r in regions.items():
-        w.put(k.encode(), _v1_record(encode_regions(r)))
+        w.put(k.encode(), _v1_record(r))
     w.put_meta("store", {"schema": "vlp.features", "schema_version": 1, "fingerprint": "f1",
                          "extractor": {"name": "old"}, "feature_dim": 16, "labels": LABELS,
                          "complete": True, "images": 5})
@@ -261,3 +288,44 @@ def test_schema_1_stores_still_open_with_one_note(tmp_path: Path,
     assert report.ok and report.schema_version == 1 and not report.checksums
     with pytest.raises(VlpError, match="older vlp.*choose a new --out"):
         FeatureStoreWriter(tmp_path / "f", {"extractor": {"name": "old"}, "feature_dim": 16})
+
+
+def test_records_of_vlp_0_2_0_still_read_and_checked(tmp_path: Path) -> None:
+    """0.2.0 records: no stored positions, one checksum over the whole record."""
+    rng = np.random.default_rng(3)
+    regions = {f"k{i}": make_regions(rng, 6, 16, with_probs=True) for i in range(4)}
+    w = FeatureStoreWriter(tmp_path / "f", META)
+    w.close()
+    raw = Writer(tmp_path / "f")
+    for k, r in regions.items():
+        raw.put(k.encode(), _v020_record(r))
+    raw.close()
+    fs = FeatureStore(tmp_path / "f", allow_incomplete=True)
+    for k, r in regions.items():
+        new = decode_regions(encode_regions(r))
+        old = fs.get_selected(k, 0.0, 1, 100)
+        assert old.positions is None and new.positions is not None
+        for name in ("features", "boxes", "class_ids", "confidences", "class_probs"):
+            assert np.array_equal(getattr(old, name), getattr(new, name)), name
+    bad = bytearray(_v020_record(regions["k0"]))
+    bad[-3] ^= 0x10  # inside the class distribution, which 0.2.0 checked with the rest
+    with pytest.raises(DamagedRecord, match="checksum"):
+        decode_regions(bytes(bad), probs=False)
+
+
+def test_class_distribution_checked_when_read() -> None:
+    """The class distribution has its own checksum: read, it is verified; skipped, it is not."""
+    from vlp_cli.stores.records import position_features
+    r = make_regions(np.random.default_rng(4), 7, 16, with_probs=True)
+    rec = encode_regions(r)
+    got = decode_regions(rec)
+    assert np.allclose(got.positions, position_features(got.boxes, got.width, got.height))
+    bad = bytearray(rec)
+    bad[-3] ^= 0x10  # the last bytes are the class distribution's
+    with pytest.raises(DamagedRecord, match="class distribution"):
+        decode_regions(bytes(bad))
+    assert decode_regions(bytes(bad), probs=False).class_probs is None
+    bad = bytearray(rec)
+    bad[50] ^= 0x10  # a feature
+    with pytest.raises(DamagedRecord, match="checksum"):
+        decode_regions(bytes(bad), probs=False)

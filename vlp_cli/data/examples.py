@@ -18,6 +18,10 @@ from vlp_cli.config import DataCfg
 from vlp_cli.stores.features import FeatureStore, Regions, position_features
 
 
+# The whole image as a region: the box (0, 0, W, H) normalised (x1, y1, x2, y2, w, h, w*h).
+_WHOLE_IMAGE = np.array([[0, 0, 1, 1, 1, 1, 1]], np.float32)
+
+
 @dataclass
 class ImageInput:
     """The regions of one image as the model sees them."""
@@ -73,7 +77,7 @@ class ExampleBuilder:
         try:
             # Views into the store: image_input and the collator copy what they use, once.
             r: Regions = self.features.get_selected(key, c.conf_th, c.min_boxes, c.max_boxes,
-                                                    copy=False)
+                                                    copy=False, probs=False)
         except KeyError:
             raise VlpError(f"image {key!r} is not in feature store {self.features.path}: "
                            "extract it, or pass the store the corpus was built on") from None
@@ -85,11 +89,13 @@ class ExampleBuilder:
         has_image = c.image_region and r.image_feature is not None
         r = r.take(max(c.max_regions - int(has_image), 0))
         feats, boxes = r.features, r.boxes
+        if r.positions is not None:  # computed at extraction (stores since 0.2.1)
+            pos = r.positions if self.pos_dim == 7 else r.positions[:, :self.pos_dim]
+        else:
+            pos = position_features(boxes, r.width, r.height, c.pos_kind)
         if has_image:
-            whole = np.array([[0, 0, r.width, r.height]], np.float32)
             feats = np.concatenate([r.image_feature[None], feats], 0)
-            boxes = np.concatenate([whole, boxes], 0)
-        pos = position_features(boxes, r.width, r.height, c.pos_kind)
+            pos = np.concatenate([_WHOLE_IMAGE[:, :self.pos_dim], pos], 0)
         tags = [int(x) for x in r.class_ids if x >= 0] if c.use_tags else []
         return ImageInput(feats, pos, tags)
 

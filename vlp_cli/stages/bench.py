@@ -169,4 +169,8 @@ def run(name: str, reps: int = 5) -> dict:
                     out.print(f"    record checksum: {cs['us_per_record']} us per "
                               f"{cs['record_kib']} KiB record, {cs['share_of_vlp_read']:.0%} "
                               "of a vlp read")
+                    wp = pr.get("with_probs_over_uniter")
+                    if wp:
+                        out.print(f"    reading the class distribution too (MRC-kl): ratio "
+                                  f"{wp['ratio']} per-rep {wp['ratios']}")
     return results

@@ -371,11 +371,22 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
 
     def vlp_loader(k: str) -> None:
         # What training does per image: views into the store, selected at read time, then
-        # features converted into the batch in one pass and positions computed from boxes.
+        # features converted into the batch in one pass and the positions (normalised at
+        # extraction) copied. The class distribution is neither read nor verified: only
+        # MRC-kl reads it (`vlp_probs` below).
+        r = store.get_selected(k, *SELECTION, copy=False, probs=False)
+        n = len(r)
+        rows_into(slot_feats[:n], r.features)
+        rows_into(slot_pos[:n], r.positions)
+
+    def vlp_probs_loader(k: str) -> None:
+        # The same read for MRC-kl: the class distribution verified and copied out too.
         r = store.get_selected(k, *SELECTION, copy=False)
         n = len(r)
         rows_into(slot_feats[:n], r.features)
-        rows_into(slot_pos[:n], position_features(r.boxes, r.width, r.height))
+        rows_into(slot_pos[:n], r.positions)
+        probs = r.class_probs.copy()
+        del probs
 
     def uniter_loader(k: str) -> None:
         # UNITER's format read the best way: the same consumer after msgpack's unpack (which
@@ -411,6 +422,7 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
 
     rates = interleave({
         "vlp": timed(vlp_loader),
+        "vlp_probs": timed(vlp_probs_loader),
         "uniter": timed(uniter_loader),
         "uniter_code": timed(uniter_code),
         "memmap": timed(memmap_loader),
@@ -432,6 +444,8 @@ def _read_part(tmp: Path, scale: ReadScale, records: int, reads: int, reps: int,
 
     result.update(
         over_uniter_code=ratio("vlp", "uniter_code"),
+        # Reading the class distribution too (MRC-kl), against the same UNITER arm.
+        with_probs_over_uniter=ratio("vlp_probs", "uniter"),
         over_memmap=ratio("vlp", "memmap"),
         memmap_over_uniter=ratio("memmap", "uniter"),
         # Each store's own read returning compact copies of the selected rows (no consumer).
@@ -459,15 +473,18 @@ def bench_store_read(reps: int, records: int = 2000, reads: int = 4000, target: 
     converts the features into the slot in one pass (`rows_into`, the collator's own code);
     the UNITER arm unpacks the msgpack value (a copy of every array of the record), then
     fills the slot with the same code. vlp's read checks the record's xxh3 checksum (every
-    byte of the record is hashed); UNITER's format has none. Each part also reports:
+    byte it reads is hashed; the class distribution, which training reads only for MRC-kl,
+    has its own checksum and is skipped); UNITER's format has none. Each part also reports:
 
+    * `with_probs_over_uniter`: vlp reading (and verifying) the class distribution too;
     * `over_uniter_code`: against UNITER's data.py as written (`torch.tensor(..).float()`, the
       area appended by `torch.cat`, then copied into the batch);
     * `over_memmap` and `memmap_over_uniter`: against the same bytes as fixed-size numpy
       memmaps (no format at all; an upper bound);
     * `copy_path`: each store's own read returning compact copies of the selected rows,
       with no consumer;
-    * `checksum`: the checksum alone, in microseconds per record and as a share of vlp's read.
+    * `checksum`: the main checksum alone (all but the class distribution), in microseconds
+      per record and as a share of vlp's read.
 
     The page cache is warm (the stores were just written): this measures what each format
     costs the CPU, not the disk.

@@ -217,12 +217,13 @@ class FeatureStore:
         return self._read(key, lambda buf: decode_regions(buf, limit=limit, version=v))
 
     def get_selected(self, key: str, conf_th: float, min_boxes: int, max_boxes: int,
-                     copy: bool = True) -> Regions:
+                     copy: bool = True, probs: bool = True) -> Regions:
         """The regions kept by the read-time policy.
 
         With `copy=False` the arrays are read-only views into the memory-mapped store (valid
         until `close()` in this process): nothing is copied until the caller consumes them,
-        which is how the data loader reads. Either way the record's checksum is checked.
+        which is how the data loader reads. Either way the record's checksum is checked;
+        `probs=False` neither reads nor verifies the class distribution (`class_probs` None).
         """
         # The data loader's hot path: no closure, one view, one decode.
         k = key.encode()
@@ -231,7 +232,7 @@ class FeatureStore:
             if buf is not None:
                 try:
                     return decode_regions(buf, copy=copy, select=(conf_th, min_boxes, max_boxes),
-                                          version=self.schema_version)
+                                          version=self.schema_version, probs=probs)
                 except DamagedRecord as exc:
                     raise self.damaged(key, exc) from None
         raise KeyError(key)
