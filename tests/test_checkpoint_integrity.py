@@ -31,7 +31,7 @@ def vqa_ckpt(tiny_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _evaluate(tiny_data: dict, ckpt: Path) -> tuple[int, str]:
     res = CliRunner().invoke(app, ["evaluate", "vqa", "-k", str(ckpt), "-c",
                                    str(tiny_data["corpus"]), "-f", str(tiny_data["features"]),
-                                   "-o", str(ckpt.parent / f"{ckpt.name}-eval.json")])
+                                   "-o", str(ckpt.parent / f"{ckpt.name}-eval")])
     return res.exit_code, res.output
 
 
@@ -95,6 +95,6 @@ def test_damage_is_one_line(tiny_data: dict, vqa_ckpt: Path, tmp_path: Path, cas
     assert code == 1, out
     assert want in out and "Traceback" not in out
     assert len([x for x in out.splitlines() if x.startswith("error")]) == 1, out
-    assert not (ck.parent / f"{ck.name}-eval.json").exists()
+    assert not (ck.parent / f"{ck.name}-eval").exists()
     res = CliRunner().invoke(app, ["verify", str(ck)])
     assert res.exit_code == 1 and want in res.output and "Traceback" not in res.output

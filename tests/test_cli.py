@@ -38,7 +38,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """16 easy-VQA images copied into a folder, with given boxes, captions and questions."""
     from PIL import Image
 
-    from vlp_cli.data import easyvqa
+    from vlp_cli.readers import easyvqa
 
     root = tmp_path_factory.mktemp("chain")
     src = easyvqa.data_root()
@@ -93,10 +93,12 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
 
     for task in ("vqa", "retrieval", "captioning"):
         vlp("finetune", task, "-k", d / "pre", "-c", c, "-f", f, "-o", d / task)
-        out = json.loads(vlp("evaluate", task, "-k", d / task, "-c", c, "-f", f,
-                             "--out", d / task / "eval-test.json"))
+        out = json.loads(vlp("evaluate", task, "-k", d / task, "-c", c, "-f", f))
         assert out["task"] == task and out["split"] == "test"
-        assert (d / task / "eval-test.predictions.jsonl").is_file()
+        # A folder of its own beside the checkpoint; nothing written into the checkpoint.
+        assert (d / f"eval-{task}-test" / "predictions.jsonl").is_file()
+        assert json.loads((d / f"eval-{task}-test" / "metrics.json").read_text()) == out
+        assert not list((d / task).glob("eval*"))
         if task == "vqa":
             assert 0 <= out["vqa_accuracy"] <= 100 and out["questions"] > 0
         elif task == "retrieval":

@@ -41,7 +41,7 @@ def test_overrides_parse_yaml_values() -> None:
                              "pretrain.text=[caption]", "vqa.train.betas=[0.9, 0.98]"])
     assert r.pretrain.train.lr == pytest.approx(3e-4)
     assert r.data.image_region is False
-    assert r.pretrain.text == ["caption"]
+    assert r.oscar.text == ["caption"]  # a key that moved to the objective's own section
     assert r.vqa.train.betas == (0.9, 0.98)
     with pytest.raises(VlpError, match="KEY=VALUE"):
         load_recipe("tiny", ["pretrain.train.lr"])

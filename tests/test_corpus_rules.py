@@ -39,7 +39,7 @@ def test_blank_texts_are_dropped_and_counted(tiny_data: dict, tmp_path: Path,
     with caplog.at_level(logging.INFO):
         corpus.run([str(src)], tiny_data["features"], tmp_path / "c", tiny_recipe_obj())
     c = Corpus(tmp_path / "c")
-    assert len(c) == 2 and all(c.get(i)["text"].strip() for i in range(2))
+    assert len(c) == 2 and all(c.get(i)["texts"][0].strip() for i in range(2))
     assert "2 blank captions or questions dropped" in caplog.text
 
 
@@ -71,6 +71,16 @@ def test_unscorable_test_answers_and_the_val_carve_are_logged(
     recipe = tiny_recipe_obj()  # corpus.val_fraction=0.2
     with caplog.at_level(logging.INFO):
         corpus.run([str(src)], tiny_data["features"], tmp_path / "c", recipe)
+        # The answer vocabulary is the task's: counted when fine-tuning starts.
+        from vlp_cli.checkpoint import load_tokenizer
+        from vlp_cli.data.examples import ExampleBuilder
+        from vlp_cli.stores.features import FeatureStore
+        from vlp_cli.tasks import TASKS, Context
+
+        tok = load_tokenizer("embedded:minilm")
+        ctx = Context(recipe, Corpus(tmp_path / "c"), ExampleBuilder(
+            tok, FeatureStore(tiny_data["features"]), recipe.data), tok)
+        TASKS["vqa"].bind(recipe).prepare(ctx)
     assert "1 of 2 test questions have no answer in the 1-answer vocabulary" in caplog.text
     assert ("moved 2 of 10 train images (2 examples) to val (corpus.val_fraction=0.2"
             in caplog.text)

@@ -30,8 +30,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     w.close()
     c = CorpusWriter(root / "corpus", {})
     for i in range(2000):
-        c.add({"kind": "caption", "split": "train", "image": f"img/{i % 300}.png",
-               "text": f"caption number {i}", "ids": list(range(i % 20 + 1))})
+        c.add({"kind": "caption", "split": "train", "source": "t",
+               "images": [f"img/{i % 300}.png"], "texts": [f"caption number {i}"],
+               "segments": [list(range(i % 20 + 1))], "label": None, "id": None})
     c.close()
     return {"features": root / "features", "corpus": root / "corpus"}
 

@@ -2,14 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from vlp_cli.data.datasets import (
-    CaptionDataset,
-    Collator,
-    PretrainDataset,
-    RetrievalTrainDataset,
-    VqaDataset,
-)
+from vlp_cli.data.datasets import Collator
 from vlp_cli.data.examples import ExampleBuilder, mask_tokens, truncate_pair
+from vlp_cli.tasks import TASKS, Context
+from vlp_cli.tasks.captioning import CaptionDataset
+from vlp_cli.tasks.oscar import PretrainDataset
+from vlp_cli.tasks.retrieval import RetrievalTrainDataset
+from vlp_cli.tasks.vqa import VqaDataset
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_mask_tokens_rate_and_labels(parts: tuple) -> None:
 def test_pretrain_dataset_pollution(parts: tuple) -> None:
     recipe, tok, store, corpus, builder = parts
     idx = corpus.indices("caption", "train")
-    ds = PretrainDataset(corpus, builder, idx, recipe.pretrain, 35, seed=0)
+    ds = PretrainDataset(corpus, builder, idx, recipe.oscar, 35, seed=0)
     labels = [ds[i]["contrast"] for i in range(len(ds)) for _ in range(1)]
     ds.set_epoch(1)
     labels += [ds[i]["contrast"] for i in range(len(ds))]
@@ -80,10 +79,11 @@ def test_pretrain_dataset_pollution(parts: tuple) -> None:
     assert ds[0]["contrast"] == ds[0]["contrast"]  # deterministic per (seed, epoch, index)
     import dataclasses
 
-    cfg3 = dataclasses.replace(recipe.pretrain, caption_pollute_prob=0.25)
+    cfg3 = dataclasses.replace(recipe.oscar, caption_pollute_prob=0.25)
     ds3 = PretrainDataset(corpus, builder, idx, cfg3, 35, seed=0)
     assert {ds3[i]["contrast"] for i in range(len(ds3))} <= {0, 1, 2}
-    batch = Collator(builder.pad_id)([ds[i] for i in range(4)])
+    oscar = TASKS["oscar"].bind(recipe)
+    batch = Collator(builder.pad_id, oscar.collate)([ds[i] for i in range(4)])
     assert batch["input_ids"].shape == batch["mlm_labels"].shape
     assert (batch["mlm_labels"] != -100).sum(1).min() >= 1
     assert batch["img_feats"].dtype == torch.float32 and batch["img_feats"].shape[2] == 16
@@ -91,20 +91,23 @@ def test_pretrain_dataset_pollution(parts: tuple) -> None:
 
 def test_vqa_targets(parts: tuple) -> None:
     recipe, tok, store, corpus, builder = parts
-    ds = VqaDataset(corpus, builder, corpus.indices("vqa", "train"), 24)
-    batch = Collator(builder.pad_id, num_answers=len(corpus.answers))([ds[i] for i in range(6)])
-    assert batch["vqa_targets"].shape == (6, len(corpus.answers))
+    task = TASKS["vqa"].bind(recipe)
+    answers = task.prepare(Context(recipe, corpus, builder, tok))["answers"]
+    task = task.bind(recipe, {"answers": answers})
+    ds = VqaDataset(corpus, builder, corpus.indices("vqa", "train"), 24, answers)
+    batch = Collator(builder.pad_id, task.collate)([ds[i] for i in range(6)])
+    assert batch["vqa_targets"].shape == (6, len(answers))
     assert torch.all(batch["vqa_targets"].sum(1) == 1.0)
     for row, i in zip(batch["vqa_targets"], batch["index"].tolist()):
-        ans = corpus.get(i)["answers"][0]
-        assert corpus.answers[int(row.argmax())] == ans
+        ans = corpus.get(i)["label"][0]
+        assert answers[int(row.argmax())] == ans
 
 
 def test_retrieval_pairs_and_caption_layout(parts: tuple) -> None:
     recipe, tok, store, corpus, builder = parts
     idx = corpus.indices("caption", "train")
     ds = RetrievalTrainDataset(corpus, builder, idx, 35, 0)
-    batch = Collator(builder.pad_id)([ds[0], ds[1]])
+    batch = Collator(builder.pad_id, TASKS["retrieval"].bind(recipe).collate)([ds[0], ds[1]])
     assert batch["match"].tolist() == [1, 0, 1, 0]
     cds = CaptionDataset(corpus, builder, idx, recipe.captioning, 40, 0)
     item = cds[0]
@@ -114,7 +117,7 @@ def test_retrieval_pairs_and_caption_layout(parts: tuple) -> None:
     labels = [i for i, x in enumerate(item["mlm_labels"]) if x != -100]
     assert 1 <= len(labels) <= recipe.captioning.max_masked
     assert all(0 < i < a_len for i in labels)
-    cb = Collator(builder.pad_id)([cds[0], cds[1]])
+    cb = Collator(builder.pad_id, TASKS["captioning"].bind(recipe).collate)([cds[0], cds[1]])
     assert cb["attn_mask"].shape[1] == cb["input_ids"].shape[1] + cb["img_feats"].shape[1]
 
 
@@ -128,8 +131,8 @@ def test_shared_tag_negatives(parts: tuple) -> None:
         group = ds.tag_groups[ds.tags_of[i]]
         if len(group) < 2:
             continue
-        neg = ds.negative_example(ds.rng(i), i, ex["image"])
-        assert neg["image"] != ex["image"]
-        assert tuple(sorted(set(builder.tag_classes(neg["image"])))) == ds.tags_of[i]
+        neg = ds.negative_example(ds.rng(i), i, ex["images"][0])
+        assert neg["images"][0] != ex["images"][0]
+        assert tuple(sorted(set(builder.tag_classes(neg["images"][0])))) == ds.tags_of[i]
         checked += 1
     assert checked > 0

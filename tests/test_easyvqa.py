@@ -13,8 +13,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from vlp_cli import VlpError
-from vlp_cli.data import easyvqa
-from vlp_cli.data.easyvqa import (
+from vlp_cli.readers import easyvqa
+from vlp_cli.readers.easyvqa import (
     EASYVQA_COLORS,
     EASYVQA_SHAPES,
     POSITIONS,

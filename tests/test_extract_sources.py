@@ -25,7 +25,7 @@ def _recipe():
 
 def _bmp_folder(folder: Path, n: int, first: int = 0) -> Path:
     """n easy-VQA images as BMP: every file has the same size, whatever its pixels."""
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
 
     src = easy_vqa_root() / "train" / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def test_another_source_folder_is_refused(tmp_path: Path) -> None:
 
 
 def test_drawings_keep_the_original_file_name(tmp_path: Path) -> None:
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
     from vlp_cli.stages import extract
 
     src = easy_vqa_root() / "train" / "images"
@@ -100,7 +100,7 @@ def test_images_gone_from_the_source_are_said(tmp_path: Path, caplog) -> None:  
     import logging
     import shutil
 
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
     from vlp_cli.config import load_recipe
     from vlp_cli.stages import extract
 

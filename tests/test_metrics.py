@@ -1,4 +1,4 @@
-"""Tests for vlp_cli.metrics: VQA accuracy, retrieval recall and caption scores."""
+"""Metrics: VQA accuracy (tasks/vqa.py), retrieval recall and caption scores (metrics.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import numpy as np
 import pytest
 
 from vlp_cli import metrics
-from vlp_cli.metrics import (
-    CaptionMetrics,
+from vlp_cli.metrics import CaptionMetrics, caption_metrics, python_ptb_tokenize, retrieval_recall
+from vlp_cli.tasks.vqa import (
     build_answer_vocab,
-    caption_metrics,
     normalize_vqa_answer,
-    python_ptb_tokenize,
-    retrieval_recall,
     vqa_accuracy,
     vqa_target_scores,
 )

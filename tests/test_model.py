@@ -3,16 +3,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlp_cli.data.datasets import caption_attention
-from vlp_cli.model import ModelConfig, VLPModel, tiny_bert
+from vlp_cli.model import HeadSpec, ModelConfig, VLPModel, tiny_bert
+from vlp_cli.tasks.captioning import caption_attention
 
 VOCAB = 99
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def tiny_model(num_answers: int = 0, n_contrast: int = 2) -> VLPModel:
     torch.manual_seed(0)
+    heads = [HeadSpec("mlm", "masked_tokens"), HeadSpec("contrast", "linear", n_contrast),
+             HeadSpec("match", "linear", 2)]
+    if num_answers:
+        heads.append(HeadSpec("answers", "mlp", num_answers))
     cfg = ModelConfig(bert=tiny_bert(VOCAB), img_feat_dim=16, pos_dim=7,
-                      num_contrast_classes=n_contrast, num_answers=num_answers)
+                      heads=[h.to_dict() for h in heads])
     return VLPModel(cfg).eval()
 
 
@@ -37,9 +42,46 @@ def test_shapes_and_heads() -> None:
     where = torch.zeros(2, 6, dtype=torch.bool)
     where[0, 1] = where[1, 2] = True
     assert m.mlm_logits(h[:, :6], where).shape == (2, VOCAB)
-    assert m.contrast_logits(h).shape == (2, 3)
-    assert m.match_logits(h).shape == (2, 2)
-    assert m.vqa_logits(h).shape == (2, 5)
+    assert m.cls_logits("contrast", h).shape == (2, 3)
+    assert m.cls_logits("match", h).shape == (2, 2)
+    assert m.cls_logits("answers", h).shape == (2, 5)
+    assert list(m.heads) == ["mlm", "contrast", "match", "answers"]
+
+
+def test_with_heads_keeps_same_specs_and_never_changes_a_shared_config() -> None:
+    m = tiny_model(num_answers=5)
+    old_cfg = m.config
+    contrast = m.heads["contrast"].weight.detach().clone()
+    m.with_heads([HeadSpec("contrast", "linear", 2), HeadSpec("new", "linear", 7)])
+    assert list(m.heads) == ["contrast", "new"]
+    assert torch.equal(m.heads["contrast"].weight, contrast)  # same spec: weights kept
+    assert [h["name"] for h in old_cfg.heads] == ["mlm", "contrast", "match", "answers"]
+    assert [h["name"] for h in m.config.heads] == ["contrast", "new"]
+    m.with_heads([HeadSpec("contrast", "linear", 2)], keep=False)
+    assert not torch.equal(m.heads["contrast"].weight, contrast)
+
+
+def test_v1_checkpoint_loads_through_the_key_map() -> None:
+    """A VQA checkpoint written by vlp 0.2 (schema 1: `vqa_head.*`, fixed heads) loads, and
+    gives the outputs it gave then."""
+    from safetensors.torch import load_file
+
+    from vlp_cli.checkpoint import load_checkpoint
+
+    m, tok, meta = load_checkpoint(FIXTURES / "checkpoint-v1-vqa")
+    m.eval()
+    assert list(m.heads) == ["mlm", "contrast", "vqa", "retrieval"]
+    saved = load_file(str(FIXTURES / "checkpoint-v1-vqa-expected.safetensors"))
+    inputs = {k[6:]: v for k, v in saved.items() if k.startswith("input/")}
+    with torch.no_grad():
+        h = m(**inputs)
+        assert torch.allclose(m.cls_logits("vqa", h), saved["expected/vqa"], atol=1e-6)
+        assert torch.allclose(m.cls_logits("retrieval", h), saved["expected/match"], atol=1e-6)
+        assert torch.allclose(m.cls_logits("contrast", h), saved["expected/contrast"],
+                              atol=1e-6)
+    from vlp_cli.tasks import TASKS
+
+    assert TASKS["vqa"].state_from_meta(meta) == {"answers": ["yes", "no", "red"]}
 
 
 def test_padding_is_invisible() -> None:
@@ -90,7 +132,8 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
     m = tiny_model(num_answers=4)
     tok = load_tokenizer("embedded:minilm")
-    save_checkpoint(tmp_path / "ck", m, tok, {"task": "vqa", "step": 3, "answers": list("abcd")})
+    save_checkpoint(tmp_path / "ck", m, tok, {"task": "vqa", "step": 3,
+                                              "tasks": {"vqa": {"answers": list("abcd")}}})
     m2, tok2, meta = load_checkpoint(tmp_path / "ck")
     m2.eval()
     x = batch()
@@ -99,7 +142,8 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert len(tok2) == len(tok)
     info = describe(tmp_path / "ck")
     assert info["parameters"] == sum(p.numel() for p in m.parameters())
-    assert info["num_answers"] == 4
+    assert [h["name"] for h in info["heads"]] == ["mlm", "contrast", "match", "answers"]
+    assert info["tasks"] == ["vqa"]
 
 
 def test_from_embedded_text_encoder_loads_weights() -> None:
@@ -107,15 +151,17 @@ def test_from_embedded_text_encoder_loads_weights() -> None:
 
     from vlp_cli.assets import text_encoder_dir
 
-    m = VLPModel.from_text_encoder(str(text_encoder_dir()), img_feat_dim=16)
+    heads = [HeadSpec("mlm", "masked_tokens", init="bert_mlm"),
+             HeadSpec("contrast", "linear", 2, init="bert_nsp")]
+    m = VLPModel.from_text_encoder(str(text_encoder_dir()), 16, heads)
     ref = BertModel.from_pretrained(str(text_encoder_dir()), add_pooling_layer=True)
     w = m.bert.encoder.layer[0].attention.self.query.weight
     assert torch.equal(w, ref.encoder.layer[0].attention.self.query.weight)
     # MiniLM ships no MLM or NSP head: they start fresh and the checkpoint says so.
-    assert {"mlm_head", "contrast_head", "img_embed"} <= set(m.config.fresh_weights)
+    assert {"heads.mlm", "heads.contrast", "img_embed"} <= set(m.config.fresh_weights)
     assert m.bert_config.hidden_size == 384
 
 
 def test_random_tiny_needs_vocab() -> None:
     with pytest.raises(ValueError):
-        VLPModel.from_text_encoder("random:tiny", 16)
+        VLPModel.from_text_encoder("random:tiny", 16, [])

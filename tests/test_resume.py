@@ -164,24 +164,19 @@ def test_planted_pickles_are_refused(tiny_data: dict, tmp_path: Path, fix_manife
 
 def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(
         tiny_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlp_cli import tasks
+    from vlp_cli.tasks.oscar import Oscar
 
-    real = tasks.pretrain_step
+    real = Oscar.step
     calls = {"n": 0}
 
-    def poisoned(weight: float = 1.0):  # noqa: ANN202
-        step = real(weight)
+    def poisoned(self, model, batch):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        loss, stats = real(self, model, batch)
+        if calls["n"] in (2, 3):  # steps 2 and 3: NaN (as damaged features gave)
+            loss = loss * float("nan")
+        return loss, stats
 
-        def wrapped(model, batch):  # noqa: ANN001, ANN202
-            calls["n"] += 1
-            loss, stats = step(model, batch)
-            if calls["n"] in (2, 3):  # steps 2 and 3: NaN (as damaged features gave)
-                loss = loss * float("nan")
-            return loss, stats
-
-        return wrapped
-
-    monkeypatch.setattr("vlp_cli.stages.pretrain.pretrain_step", poisoned)
+    monkeypatch.setattr(Oscar, "step", poisoned)
     out = tmp_path / "nan"
     _pretrain(tiny_data, out, ["pretrain.train.steps=5"])
     rows = [r for r in _rows(out) if r["split"] == "train"]

@@ -99,18 +99,24 @@ def test_feature_store_refuses_other_extractor(tmp_path: Path) -> None:
 
 
 def test_corpus_round_trip_and_atomic_rename(tmp_path: Path) -> None:
-    w = CorpusWriter(tmp_path / "c", {"answers": ["yes", "no"]})
+    w = CorpusWriter(tmp_path / "c", {})
     assert not (tmp_path / "c").exists()  # written under a temporary name until closed
     for i in range(5):
         w.add({"kind": "vqa" if i % 2 else "caption", "split": "train" if i < 4 else "test",
-               "image": f"k{i}", "text": "t", "ids": list(range(i + 1))})
+               "source": "test", "images": [f"k{i}"], "texts": ["t"],
+               "segments": [list(range(i + 1))], "label": ["yes"] if i % 2 else None,
+               "id": None})
+    # Several images and text segments (NLVR2, VCR), and any kind name.
+    w.add({"kind": "pair", "split": "test", "source": "test", "images": ["k0", "k1"],
+           "texts": ["a", "b"], "segments": [[1], [2, 3]], "label": True, "id": "p0"})
     w.close()
     c = Corpus(tmp_path / "c")
-    assert len(c) == 5 and c.answers == ["yes", "no"]
-    assert c.get(3)["ids"] == [0, 1, 2, 3]
+    assert len(c) == 6 and c.meta["schema_version"] == 3
+    assert c.get(3)["segments"] == [[0, 1, 2, 3]] and c.get(3)["label"] == ["yes"]
+    assert c.get(5)["images"] == ["k0", "k1"] and list(c.indices("pair", "test")) == [5]
     assert list(c.indices("caption", "train")) == [0, 2]
     assert list(c.indices("vqa", "train")) == [1, 3]
-    assert list(c.lengths) == [1, 2, 3, 4, 5]
+    assert list(c.lengths) == [1, 2, 3, 4, 5, 3]
     with pytest.raises(VlpError, match="no 'vqa' examples in split 'test'"):
         c.require("vqa", "test")
     with pytest.raises(VlpError, match="not empty"):
@@ -119,6 +125,7 @@ def test_corpus_round_trip_and_atomic_rename(tmp_path: Path) -> None:
 
 def test_corpus_abort_leaves_nothing(tmp_path: Path) -> None:
     w = CorpusWriter(tmp_path / "c", {})
-    w.add({"kind": "caption", "split": "train", "image": "k", "text": "t", "ids": [1]})
+    w.add({"kind": "caption", "split": "train", "source": "s", "images": ["k"], "texts": ["t"],
+           "segments": [[1]], "label": None, "id": None})
     w.abort()
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()

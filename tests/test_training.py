@@ -57,9 +57,9 @@ def test_oscar_plus_three_way(tiny_data: dict, tmp_path: Path) -> None:
     import json as _json
 
     out = tmp_path / "pre3"
-    _run_pretrain(tiny_data, out, steps=2, extra=["pretrain.caption_pollute_prob=0.25"])
+    _run_pretrain(tiny_data, out, steps=2, extra=["oscar.caption_pollute_prob=0.25"])
     cfg = _json.loads((out / "config.json").read_text())
-    assert cfg["num_contrast_classes"] == 3
+    assert {h["name"]: h["size"] for h in cfg["heads"]}["contrast"] == 3
 
 
 def test_schedule_warmup_then_linear_decay() -> None:

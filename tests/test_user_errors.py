@@ -81,8 +81,8 @@ BAD = [
     ("data.max_text_len=2", "'data.max_text_len' must be >= 5"),
     ("vqa.max_text_len=4", "'vqa.max_text_len' must be >= 5"),
     ("captioning.max_caption_len=0", "'captioning.max_caption_len' must be >= 1"),
-    ("pretrain.mask_prob=1.5", "'pretrain.mask_prob' must be in [0, 1]"),
-    ("pretrain.pollute_prob=-0.1", "'pretrain.pollute_prob' must be in [0, 1]"),
+    ("oscar.mask_prob=1.5", "'oscar.mask_prob' must be in [0, 1]"),
+    ("pretrain.pollute_prob=-0.1", "'oscar.pollute_prob' must be in [0, 1]"),
     ("corpus.val_fraction=1", "'corpus.val_fraction' must be in [0, 1)"),
     ("retrieval.shared_tag_negatives=2", "'retrieval.shared_tag_negatives' must be in [0, 1]"),
     ("data.conf_th=1.2", "'data.conf_th' must be in [0, 1]"),
@@ -218,7 +218,7 @@ def test_a_recipe_without_a_section_says_which_defaults(tmp_path: Path,
 def test_finetune_without_a_recipe_says_it_uses_the_checkpoints(
         checkpoints: dict, tiny_data: dict, tmp_path: Path) -> None:
     res = run("evaluate", "vqa", "-k", checkpoints["vqa"], "-c", tiny_data["corpus"],
-              "-f", tiny_data["features"], "--out", tmp_path / "m.json")
+              "-f", tiny_data["features"], "--out", tmp_path / "m")
     assert res.exit_code == 0, res.output
     said = [x for x in res.output.splitlines() if "no --recipe" in x]
     assert len(said) == 1 and str(checkpoints["vqa"] / "recipe.yaml") in said[0]
@@ -324,8 +324,8 @@ def test_read_only_output_is_refused_before_work(tmp_path: Path,
         outputs.check_writable(ro / "sub" / "out")
     # evaluate refuses before loading anything (the checkpoint need not even exist)
     res = run("evaluate", "vqa", "-k", tmp_path / "ckpt", "-c", tmp_path, "-f", tmp_path,
-              "--out", ro / "m.json")
-    one_line_error(res, str(ro / "m.json"), "read-only")
+              "--out", ro / "m")
+    one_line_error(res, str(ro / "m"), "read-only")
 
 
 def test_output_dir_removes_only_what_it_made_and_left_empty(tmp_path: Path) -> None:
@@ -357,7 +357,7 @@ def test_evaluate_prints_its_metrics_when_the_write_fails(
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     res = run("evaluate", "vqa", "-k", checkpoints["vqa"], "-c", tiny_data["corpus"],
-              "-f", tiny_data["features"], "--out", blocker / "m.json")
+              "-f", tiny_data["features"], "--out", blocker / "m")
     one_line_error(res, "could not write", "printed above")
     assert '"vqa_accuracy"' in res.stdout
 
@@ -424,7 +424,7 @@ def test_build_corpus_help_says_answers_are_annotators() -> None:
 
 
 def test_the_rule_in_the_help_is_the_metric() -> None:
-    from vlp_cli.metrics import vqa_target_scores
+    from vlp_cli.tasks.vqa import vqa_target_scores
 
     assert vqa_target_scores(["pagoda", "temple"]) == pytest.approx(
         {"pagoda": 1 / 6, "temple": 1 / 6})

@@ -79,11 +79,6 @@ def detector_files() -> tuple[Path, Path, Path]:
     )
 
 
-def easy_vqa_root() -> Path:
-    """The easy-VQA data folder (train/ and test/ with images/ and questions.json)."""
-    return _existing(package_dir("easy-vqa") / "data", "easy-vqa")
-
-
 def resolve_text_encoder(name: str) -> str:
     """Turn `embedded:minilm` into the packaged directory; pass paths and hub ids through."""
     if name in (DEFAULT_TEXT_ENCODER, "minilm", "embedded"):

@@ -6,13 +6,17 @@
       tokenizer files      vocab.txt, tokenizer.json, tokenizer_config.json, ...
       recipe.yaml          the resolved recipe that produced it
       meta.json            vlp version, task, step, corpus fingerprint, the feature store's
-                           extractor identity and dimension, answer vocabulary (vqa)
+                           extractor identity and dimension, each task's state ("tasks")
       manifest.json        size and xxh3-128 of each file above, written last (vlp verify)
       metrics.jsonl        training log
       state/               training states for --resume (runstate.py: safetensors + JSON)
 
 A later stage reads meta.json to check that it is fed matching features, or to extract
 matching features from raw images.
+
+Checkpoints of vlp <= 0.2 (config schema 1: fixed `mlm_head`, `contrast_head`, `match_head`
+and an optional classifier attribute) load through a short map to the heads the tasks
+declare today (`Task.legacy_heads`).
 """
 
 from __future__ import annotations
@@ -251,12 +255,17 @@ def load_checkpoint(directory: str | Path) -> tuple[Any, Any, dict]:
                                          "files cannot be checked for damage", p)
     raw = _read_json(p / CONFIG, f"checkpoint {p}")
     raw.pop("model_type", None)
+    keymap: dict[str, str] = {}
+    if "heads" not in raw:
+        raw, keymap = upgrade_config(raw)
     try:
         cfg = ModelConfig(**raw)
     except (TypeError, ValueError, KeyError) as exc:
         raise VlpError(f"{p / CONFIG}: not a vlp model config ({exc})")
     model = VLPModel(cfg)
     state = _load_weights(p)
+    for old, new in keymap.items():
+        state = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in state.items()}
     bad = _non_finite(state)
     if bad:
         raise VlpError(f"{p / WEIGHTS} holds non-finite values (NaN or inf) in {bad[0]} and "
@@ -268,6 +277,23 @@ def load_checkpoint(directory: str | Path) -> tuple[Any, Any, dict]:
                        f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
     tokenizer = load_tokenizer(p)
     return model, tokenizer, meta
+
+
+def upgrade_config(raw: dict) -> tuple[dict, dict[str, str]]:
+    """A schema-1 model config (vlp <= 0.2) as schema 2, and the weight-name prefixes to map
+    (`contrast_head.` -> `heads.contrast.`...): each task names the heads it had then."""
+    from vlp_cli.tasks import TASKS
+
+    specs, keymap = [], {}
+    for task in TASKS.values():
+        for old, spec in task.legacy_heads(raw):
+            if all(s.name != spec.name for s in specs):
+                specs.append(spec)
+                keymap[f"{old}."] = f"heads.{spec.name}."
+    new = {k: v for k, v in raw.items()
+           if k in ("bert", "img_feat_dim", "pos_dim", "img_dropout", "fresh_weights")}
+    new.update(heads=[s.to_dict() for s in specs], schema=2)
+    return new, keymap
 
 
 def describe(directory: str | Path) -> dict:
@@ -303,8 +329,9 @@ def describe(directory: str | Path) -> dict:
         "encoder": {k: bert.get(k) for k in ("hidden_size", "num_hidden_layers",
                                              "num_attention_heads", "vocab_size")},
         "img_feat_dim": cfg.get("img_feat_dim"),
-        "num_answers": cfg.get("num_answers"),
+        "heads": cfg.get("heads") if "heads" in cfg else "schema 1 (vlp <= 0.2)",
         "resumable": bool(list_states(p)),
         "training_states": list_states(p),
-        "meta": {k: v for k, v in meta.items() if k != "answers"},
+        "meta": {k: v for k, v in meta.items() if k not in ("answers", "tasks")},
+        "tasks": sorted(meta.get("tasks", {})),
     }

@@ -16,22 +16,32 @@ from typing import Annotated, Optional
 import typer
 
 from vlp_cli import VlpError, __version__
+from vlp_cli import tasks as registry
 from vlp_cli.config import builtin_recipes
+from vlp_cli.readers import READERS, image_sources, sources_help
 
 logger = logging.getLogger("vlp_cli")
 BUILTINS = ", ".join(builtin_recipes())
+# Choices and help come from the task registry (tasks/): this file names no task.
+FINETUNE = registry.names("finetune")
+T0 = FINETUNE[0]
+NAMED = image_sources()  # data sets a reader provides images for by name
+
+
+def _task_list(names: list[str]) -> str:
+    return "\n\n".join(f"* `{n}`: {registry.TASKS[n].help}" for n in names)
 _debug = False  # set by the --debug global option, for the command that follows
 
 app = typer.Typer(
     name="vlp",
     help="Vision-language pre-training (Oscar, UNITER): images -> features -> corpus -> "
          "pre-trained and fine-tuned checkpoints -> metrics and captions.\n\n"
-         "Examples (the whole chain; `make demo` runs it on the embedded easy-VQA data):\n\n"
+         "Examples (the whole chain; `make demo` runs it on the embedded data):\n\n"
          "    vlp extract-features photos/ -o feats/\n\n"
          "    vlp build-corpus train=caps.jsonl test=caps_test.jsonl -f feats/ -o corpus/\n\n"
          "    vlp pretrain tiny -c corpus/ -f feats/ -o ckpt/\n\n"
-         "    vlp finetune vqa -k ckpt/ -c corpus/ -f feats/ -o ckpt-vqa/\n\n"
-         "    vlp evaluate vqa -k ckpt-vqa/ -c corpus/ -f feats/\n\n"
+         f"    vlp finetune {T0} -k ckpt/ -c corpus/ -f feats/ -o ckpt-{T0}/\n\n"
+         f"    vlp evaluate {T0} -k ckpt-{T0}/ -c corpus/ -f feats/\n\n"
          "    vlp caption -k ckpt-cap/ --images photos/ -o captions.jsonl\n\n"
          f"Built-in recipes, by name or as recipes/NAME.yaml: {BUILTINS}.\n\n"
          "`vlp COMMAND --help` for each command's options and examples; `vlp --debug "
@@ -145,11 +155,26 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     _debug = debug
 
 
-@app.command("extract-features")
+@app.command("extract-features", help=f"""Images -> region features, boxes and object tags (an LMDB feature store).
+
+Boxes and tags come from the embedded YOLOv3-tiny (COCO) unless --boxes or another
+detector is given; every box above a low threshold is kept and recipes choose at read
+time. Keys are image paths relative to the folder. Rerunning into the same --out resumes;
+under `accelerate launch` each process writes one shard.
+
+Examples:
+
+    vlp extract-features photos/ --out feats/ --draw drawn/
+
+    vlp extract-features {NAMED[0]} --out feats/ --recipe recipes/tiny.yaml
+
+    accelerate launch --num_processes 4 -m vlp_cli extract-features photos/ -o feats/
+""")
 @_friendly
 def extract_features(
     images: Annotated[str, typer.Argument(help="Image folder (recursive: jpg, png, webp, bmp), "
-                                               "or `easy-vqa` for the embedded data set.")],
+                                               "or a data set vlp provides by name: "
+                                               f"{', '.join(NAMED)}.")],
     out: Out,
     boxes: Annotated[Optional[Path], typer.Option(help="JSONL of given boxes per image: "
                      '{"image": key, "boxes": [[x1,y1,x2,y2],...], "labels": [...]}.')] = None,
@@ -164,21 +189,6 @@ def extract_features(
     strict: Annotated[bool, typer.Option(help="Exit non-zero if any image fails.")] = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
-    """Images -> region features, boxes and object tags (an LMDB feature store).
-
-    Boxes and tags come from the embedded YOLOv3-tiny (COCO) unless --boxes or another
-    detector is given; every box above a low threshold is kept and recipes choose at read
-    time. Keys are image paths relative to the folder. Rerunning into the same --out resumes;
-    under `accelerate launch` each process writes one shard.
-
-    Examples:
-
-        vlp extract-features photos/ --out feats/ --draw drawn/
-
-        vlp extract-features easy-vqa --out feats/ --recipe recipes/tiny.yaml
-
-        accelerate launch --num_processes 4 -m vlp_cli extract-features photos/ -o feats/
-    """
     _setup(verbose)
     from vlp_cli.stages import extract
 
@@ -194,34 +204,28 @@ def extract_features(
                     strict=strict, draw=draw)
 
 
-@app.command("build-corpus")
+@app.command("build-corpus", help=f"""Data-set files + features -> a tokenised corpus (LMDB).
+
+Each source is read by the reader of its format:
+
+{chr(10).join(f"* {r.SOURCE_HELP}. {getattr(r, 'DETAILS', '')}" + chr(10) for r in READERS.values())}
+Without a val split in the sources, `corpus.val_fraction` of the train images move to `val`.
+
+Examples:
+
+    vlp build-corpus {NAMED[0]} --features feats/ --out corpus/
+
+    vlp build-corpus train=caps.jsonl test=caps_test.jsonl -f feats/ -o corpus/
+""")
 @_friendly
 def build_corpus(
-    sources: Annotated[list[str], typer.Argument(help="`easy-vqa`, or `[SPLIT=]FILE.jsonl` with "
-                       'lines {"image", "caption"} or {"image", "question", "answers"}; '
-                       "`answers` lists what each annotator answered (VQA v2: ten people), "
-                       "not alternative correct answers.")],
+    sources: Annotated[list[str], typer.Argument(help=sources_help())],
     features: Features, out: Out,
     skip_missing: Annotated[bool, typer.Option(help="Skip examples whose image has no "
                             "features instead of failing.")] = False,
     allow_incomplete: AllowIncomplete = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
-    """Captions, questions and pairs + features -> a tokenised corpus (LMDB).
-
-    `answers` are annotators' answers, scored as VQA v2 does: an answer given by n of the N
-    annotators scores the mean, over the N ways of leaving one annotator out, of
-    min(1, matches among the rest / 3); with ten answers 0.3, 0.6, 0.9 and 1.0 for 1, 2, 3
-    and 4+ matches. So `["pagoda", "temple"]` scores each 0.17, not 1: list the accepted
-    answer once per annotator, or give a single answer (scored 1 on an exact match). Without
-    a val split in the sources, `corpus.val_fraction` of the train images move to `val`.
-
-    Examples:
-
-        vlp build-corpus easy-vqa --features feats/ --out corpus/
-
-        vlp build-corpus train=caps.jsonl test=caps_test.jsonl -f feats/ -o corpus/
-    """
     _setup(verbose)
     from vlp_cli.stages import corpus
 
@@ -324,22 +328,25 @@ def pretrain(
         stage.run(r, corpus, features, out, resume=resume, auto_resume=auto_resume)
 
 
-@app.command()
+@app.command(help=f"""Checkpoint + task corpus -> a fine-tuned checkpoint.
+
+Tasks:
+
+{_task_list(FINETUNE)}
+
+Examples:
+
+    vlp finetune {T0} -k ckpt/ -c corpus/ -f feats/ -o ckpt-{T0}/
+
+    vlp finetune {FINETUNE[-1]} -k ckpt/ -c corpus/ -f feats/ -o ckpt-2/ --set {FINETUNE[-1]}.train.steps=2000
+""")
 @_friendly
 def finetune(
-    task: Annotated[str, typer.Argument(help="vqa | retrieval | captioning")],
+    task: Annotated[str, typer.Argument(help=" | ".join(FINETUNE))],
     checkpoint: Checkpoint, corpus: Corpus, features: Features, out: Out,
     resume: Resume = False, auto_resume: AutoResume = False, recipe: Recipe = None,
     sets: Sets = None, verbose: Verbose = False,
 ) -> None:
-    """Checkpoint + task corpus -> a fine-tuned checkpoint.
-
-    Examples:
-
-        vlp finetune vqa -k ckpt/ -c corpus/ -f feats/ -o ckpt-vqa/
-
-        vlp finetune retrieval -k ckpt/ -c corpus/ -f feats/ -o ckpt-ret/ --set retrieval.train.steps=2000
-    """
     _setup(verbose)
     from vlp_cli.stages import finetune as stage
 
@@ -350,26 +357,32 @@ def finetune(
                   auto_resume=auto_resume)
 
 
-@app.command()
+@app.command(help=f"""Checkpoint + corpus split -> metrics and predictions, in a folder of their own.
+
+Tasks (a pre-training objective scores its held-out statistics):
+
+{_task_list(list(registry.TASKS))}
+
+Under `accelerate launch -m vlp_cli evaluate ...` the scoring is split over the processes.
+
+Examples:
+
+    vlp evaluate {T0} -k ckpt-{T0}/ -c corpus/ -f feats/
+
+    vlp evaluate {FINETUNE[-1]} -k ckpt-2/ -c corpus/ -f feats/ --split val -o eval-val/
+""")
 @_friendly
 def evaluate(
-    task: Annotated[str, typer.Argument(help="vqa | retrieval | captioning")],
+    task: Annotated[str, typer.Argument(help=" | ".join(registry.TASKS))],
     checkpoint: Checkpoint, corpus: Corpus, features: Features,
     split: Annotated[str, typer.Option(help="Corpus split to score.")] = "test",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Metrics JSON (default: "
-                   "CHECKPOINT/eval-SPLIT.json); predictions go beside it.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Score at most N questions / images.", min=1)]
-    = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for "
+                   "metrics.json and predictions.jsonl (default: a new eval-CHECKPOINT-SPLIT "
+                   "folder beside the checkpoint).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score at most N examples / images.",
+                                                 min=1)] = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
-    """Checkpoint + corpus -> metrics: VQA accuracy, R@1/5/10 both ways, BLEU/METEOR/ROUGE-L/CIDEr.
-
-    Examples:
-
-        vlp evaluate vqa -k ckpt-vqa/ -c corpus/ -f feats/
-
-        vlp evaluate retrieval -k ckpt-ret/ -c corpus/ -f feats/ --split val
-    """
     _setup(verbose)
     from vlp_cli.stages import evaluate as stage
 
@@ -424,7 +437,7 @@ def validate(
     """Check a recipe (every key, type and range) without running anything; print it resolved.
 
     Every stage runs the same checks before it starts. Built-in recipes (by name, or as
-    recipes/NAME.yaml from anywhere): `tiny`, the demo on the embedded easy-VQA data, minutes
+    recipes/NAME.yaml from anywhere): `tiny`, the demo on the embedded data, minutes
     on a CPU; `oscar-base`, Oscar-B pre-training at the paper's scale, for many GPUs.
 
     Examples:
@@ -438,6 +451,7 @@ def validate(
     from vlp_cli.config import load_recipe, recipe_to_dict
 
     r = load_recipe(recipe, sets or [])
+    registry.check_mix(r.pretrain.tasks, str(recipe))
     typer.echo(yaml.safe_dump(recipe_to_dict(r), sort_keys=False).rstrip())
     typer.echo(f"# {recipe}: valid", err=True)
 

@@ -181,7 +181,6 @@ class CorpusCfg:
     # Of train images, moved to 'val' when the sources give no val split (by image, never by
     # example); 0 keeps every train image for training.
     val_fraction: float = num(0.1, ge=0, lt=1, why="1 would leave no training images")
-    max_answers: int = num(3129, ge=1)  # VQA answer vocabulary size (VQA v2 practice)
     seed: int = num(0, ge=0, le=2**32 - 1)
 
 
@@ -195,9 +194,27 @@ class ModelCfg:
 
 @dataclass
 class PretrainCfg:
-    """Oscar pre-training: masked token loss over words and tags, polluted-tag contrastive."""
+    """vlp pretrain: the objectives mixed (tasks of stage "pretrain") and the optimisation.
+
+    Each optimiser step runs one objective, drawn with these ratios from an RNG seeded the same
+    on every process (UNITER's MetaLoader); each objective's settings are its own section.
+    """
 
     train: TrainCfg = field(default_factory=TrainCfg)
+    tasks: dict[str, float] = field(default_factory=lambda: {"oscar": 1.0})
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if not self.tasks:
+            yield f"'{k('tasks')}' is empty: name at least one objective, e.g. {{oscar: 1}}"
+        for name, ratio in self.tasks.items():
+            if not ratio > 0:
+                yield f"'{k('tasks')}.{name}' must be > 0 (a mix ratio), got {ratio!r}"
+
+
+@dataclass
+class OscarCfg:
+    """Oscar pre-training: masked token loss over words and tags, polluted-tag contrastive."""
+
     mask_prob: float = prob(0.15)
     # Oscar: with p=0.5 the pair is polluted: its tags are replaced by another image's.
     pollute_prob: float = prob(0.5)
@@ -219,6 +236,8 @@ class VqaCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     max_text_len: int = num(128, ge=MIN_TEXT_LEN, why="[CLS] word [SEP] tag [SEP] needs 5")
     classifier: Literal["linear", "mlp"] = "mlp"
+    # answers kept: the most frequent of the train and val examples (VQA v2 practice: 3,129)
+    max_answers: int = num(3129, ge=1)
 
 
 @dataclass
@@ -254,6 +273,7 @@ class Recipe:
     data: DataCfg = field(default_factory=DataCfg)
     model: ModelCfg = field(default_factory=ModelCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    oscar: OscarCfg = field(default_factory=OscarCfg)
     vqa: VqaCfg = field(default_factory=VqaCfg)
     retrieval: RetrievalCfg = field(default_factory=RetrievalCfg)
     captioning: CaptioningCfg = field(default_factory=CaptioningCfg)
@@ -288,6 +308,12 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
                 f"got {value!r}{hint}"
             )
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise VlpError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_convert(k, kt, f"{where}", source): _convert(v, vt, f"{where}.{k}", source)
+                for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise VlpError(f"{source}: '{where}' must be a list, got {value!r}")
@@ -358,13 +384,36 @@ def check(obj: Any, prefix: str = "", source: str = "recipe") -> None:
         raise VlpError(f"{source}: {problem}")
 
 
+# Keys that moved (vlp 0.2 -> 0.3), so that older recipes, and the recipes inside older
+# checkpoints, still load: old dotted key -> new one.
+MOVED_KEYS = {
+    **{f"pretrain.{k}": f"oscar.{k}" for k in ("mask_prob", "pollute_prob",
+                                               "caption_pollute_prob", "contrastive_weight",
+                                               "text")},
+    "corpus.max_answers": "vqa.max_answers",
+}
+
+
+def _migrate(data: dict, source: str) -> dict:
+    for old, new in MOVED_KEYS.items():
+        (s_old, k_old), (s_new, k_new) = old.split("."), new.split(".")
+        section = data.get(s_old)
+        if isinstance(section, dict) and k_old in section:
+            data.setdefault(s_new, {})
+            if isinstance(data[s_new], dict):
+                data[s_new].setdefault(k_new, section[k_old])
+                del section[k_old]
+                logger.debug("%s: '%s' is now '%s'", source, old, new)
+    return data
+
+
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
     """Build a Recipe from plain data, refusing unknown keys and wrong types."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise VlpError(f"{source}: a recipe must be a YAML mapping of sections")
-    return _build(Recipe, data, "", source)
+    return _build(Recipe, _migrate(copy.deepcopy(data), source), "", source)
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:

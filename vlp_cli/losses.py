@@ -17,13 +17,3 @@ def masked_token_loss(logits: torch.Tensor, labels: torch.Tensor,
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Oscar's [CLS] heads (contrastive, matched/unmatched): softmax cross-entropy."""
     return F.cross_entropy(logits.float(), labels)
-
-
-def vqa_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """BCE against soft answer scores, summed over answers and averaged over questions.
-
-    This is the bottom-up-attention `instance_bce_with_logits` that Oscar and UNITER use (mean
-    over all entries times the number of answers), so learning rates transfer.
-    """
-    loss = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="mean")
-    return loss * targets.size(1)

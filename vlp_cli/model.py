@@ -10,22 +10,42 @@ LN(Linear(feature)) + LN(Linear(position)) + type embedding, then LN and dropout
 sequence runs through BERT's encoder with an explicit [B, L, L] attention mask, so captioning
 can make caption tokens causal while tags and regions stay bidirectional (Oscar's seq2seq mask).
 
-Heads: masked tokens (tied to the word embeddings), Oscar's contrastive head on the pooled
-[CLS] (2-way polluted tags; 3-way for Oscar+), a matched/unmatched head for retrieval, and a
-VQA classifier. The encoder is the public `transformers.BertModel`: any Hugging Face BERT
-checkpoint initialises it.
+Heads live in one `ModuleDict`, built from the `HeadSpec`s that the tasks declare (tasks/):
+masked tokens (tied to the word embeddings) and classifiers on the pooled [CLS]. A checkpoint
+holds exactly the heads its tasks need, and config.json lists them. The encoder is the public
+`transformers.BertModel`: any Hugging Face BERT checkpoint initialises it.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One head, as a task declares it.
+
+    kind: "masked_tokens" (BERT's MLM head over the joint sequence, decoder tied to the word
+        embeddings), "linear" (Linear(H, size) on the pooled [CLS]) or "mlp" (UNITER's
+        classifier: Linear(H, 2H), GELU, LayerNorm, Linear(2H, size)).
+    init: where a pre-trained text encoder may fill it from: "bert_mlm" (BERT's MLM head) or
+        "bert_nsp" (BERT's next-sentence head, a 2-way classifier); "" = fresh.
+    """
+
+    name: str
+    kind: Literal["masked_tokens", "linear", "mlp"]
+    size: int = 0
+    init: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -36,13 +56,15 @@ class ModelConfig:
     img_feat_dim: int  # region feature size of the feature store
     pos_dim: int = 7  # 7 = UNITER's position (box, w, h, area); 6 = Oscar's
     img_dropout: float = 0.1
-    num_contrast_classes: int = 2  # Oscar: matched / polluted tags; Oscar+: 3
-    num_answers: int = 0  # VQA answer vocabulary (0: no VQA head)
-    vqa_classifier: str = "mlp"  # "mlp" (UNITER: 2H, GELU, LN) or "linear" (Oscar's default)
-    fresh_weights: list[str] = field(default_factory=list)  # heads not loaded from `init`
+    heads: list[dict[str, Any]] = field(default_factory=list)  # HeadSpec dicts, in order
+    fresh_weights: list[str] = field(default_factory=list)  # parts not loaded from `init`
+    schema: int = 2  # 2: heads listed; 1 (vlp <= 0.2): fixed head attributes
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def head_specs(self) -> list[HeadSpec]:
+        return [HeadSpec(**h) for h in self.heads]
 
 
 def tiny_bert(vocab_size: int) -> dict[str, Any]:
@@ -89,8 +111,21 @@ class MaskedTokenHead(nn.Module):
         return h @ word_embeddings.t() + self.bias
 
 
+def build_head(spec: HeadSpec, bc: Any) -> nn.Module:
+    """The module of one head spec (weights as `_init_weights` leaves them)."""
+    h = bc.hidden_size
+    if spec.kind == "masked_tokens":
+        return MaskedTokenHead(h, bc.vocab_size, bc.hidden_act, bc.layer_norm_eps)
+    if spec.kind == "linear":
+        return nn.Linear(h, spec.size)
+    if spec.kind == "mlp":
+        return nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(),
+                             nn.LayerNorm(2 * h, eps=bc.layer_norm_eps), nn.Linear(2 * h, spec.size))
+    raise ValueError(f"unknown head kind {spec.kind!r}")
+
+
 class VLPModel(nn.Module):
-    """Single-stream vision-language encoder with Oscar/UNITER heads."""
+    """Single-stream vision-language encoder with the heads its tasks declare."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -103,23 +138,12 @@ class VLPModel(nn.Module):
         self.bert = BertModel(bc, add_pooling_layer=True)
         self.img_embed = ImageEmbeddings(config.img_feat_dim, config.pos_dim, h,
                                          config.img_dropout, bc.layer_norm_eps)
-        self.mlm_head = MaskedTokenHead(h, bc.vocab_size, bc.hidden_act, bc.layer_norm_eps)
         self.dropout = nn.Dropout(bc.hidden_dropout_prob)
-        self.contrast_head = nn.Linear(h, config.num_contrast_classes)
-        self.match_head = nn.Linear(h, 2)
-        self.vqa_head: nn.Module | None = None
-        if config.num_answers > 0:
-            if config.vqa_classifier == "linear":
-                self.vqa_head = nn.Linear(h, config.num_answers)
-            else:
-                self.vqa_head = nn.Sequential(
-                    nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=bc.layer_norm_eps),
-                    nn.Linear(2 * h, config.num_answers),
-                )
-        for module in (self.img_embed, self.mlm_head, self.contrast_head, self.match_head,
-                       self.vqa_head):
-            if module is not None:
-                module.apply(self._init_weights)
+        self.heads = nn.ModuleDict()
+        self.img_embed.apply(self._init_weights)
+        for spec in config.head_specs():
+            self.heads[spec.name] = build_head(spec, bc)
+            self.heads[spec.name].apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -163,80 +187,77 @@ class VLPModel(nn.Module):
 
     # -- heads ---------------------------------------------------------------------------------
 
-    def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor,
+                   head: str = "mlm") -> torch.Tensor:
         """Vocabulary logits at the masked positions only ([B, L] bool) -> [M, V]."""
-        return self.mlm_head(hidden[positions], self.bert.embeddings.word_embeddings.weight)
+        return self.heads[head](hidden[positions], self.bert.embeddings.word_embeddings.weight)
 
-    def contrast_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.contrast_head(self.pooled(hidden))  # [B, num_contrast_classes]
+    def cls_logits(self, head: str, hidden: torch.Tensor) -> torch.Tensor:
+        """A classifier head on the pooled [CLS]: [B, size]."""
+        return self.heads[head](self.pooled(hidden))
 
-    def match_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.match_head(self.pooled(hidden))  # [B, 2]
-
-    def vqa_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.vqa_head is None:
-            raise RuntimeError("this model has no VQA head (num_answers=0)")
-        return self.vqa_head(self.pooled(hidden))  # [B, num_answers]
-
-    def set_vqa_head(self, num_answers: int, classifier: str) -> None:
-        """Add (or replace) a freshly initialised VQA classifier, e.g. when fine-tuning."""
-        self.config.num_answers = num_answers
-        self.config.vqa_classifier = classifier
-        h = self.bert_config.hidden_size
-        if classifier == "linear":
-            head: nn.Module = nn.Linear(h, num_answers)
-        else:
-            head = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(),
-                                 nn.LayerNorm(2 * h, eps=self.bert_config.layer_norm_eps),
-                                 nn.Linear(2 * h, num_answers))
-        head.apply(self._init_weights)
-        self.vqa_head = head
+    def with_heads(self, specs: list[HeadSpec], keep: bool = True) -> VLPModel:
+        """Keep exactly these heads: those already here with the same spec keep their weights
+        (unless `keep` is False), the others start fresh. The config is replaced, never changed
+        in place (a checkpoint's config may be shared)."""
+        have = {s.name: s for s in self.config.head_specs()}
+        heads = nn.ModuleDict()
+        for spec in specs:
+            if keep and have.get(spec.name) == spec:
+                heads[spec.name] = self.heads[spec.name]
+            else:
+                heads[spec.name] = build_head(spec, self.bert_config)
+                heads[spec.name].apply(self._init_weights)
+        self.heads = heads
+        self.config = replace(self.config, heads=[s.to_dict() for s in specs])
+        return self
 
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def from_text_encoder(cls, name: str, img_feat_dim: int, *, pos_dim: int = 7,
-                          img_dropout: float = 0.1, num_contrast_classes: int = 2,
+    def from_text_encoder(cls, name: str, img_feat_dim: int, heads: list[HeadSpec], *,
+                          pos_dim: int = 7, img_dropout: float = 0.1,
                           vocab_size: int | None = None) -> VLPModel:
         """Start from a Hugging Face BERT checkpoint (a directory or hub id).
 
         `random:tiny` builds a tiny random BERT instead (tests); it needs `vocab_size`.
-        Heads the checkpoint lacks (e.g. MiniLM has no MLM head) start fresh and are listed
-        in `config.fresh_weights`.
+        Heads with `init` are filled from BERT's own heads where the checkpoint has them (MiniLM
+        has no MLM head); what starts fresh is listed in `config.fresh_weights`.
         """
+        specs = [h.to_dict() for h in heads]
         if name == "random:tiny":
             if vocab_size is None:
                 raise ValueError("random:tiny needs vocab_size")
-            cfg = ModelConfig(bert=tiny_bert(vocab_size), img_feat_dim=img_feat_dim,
-                              pos_dim=pos_dim, img_dropout=img_dropout,
-                              num_contrast_classes=num_contrast_classes,
-                              fresh_weights=["all"])
-            return cls(cfg)
+            return cls(ModelConfig(bert=tiny_bert(vocab_size), img_feat_dim=img_feat_dim,
+                                   pos_dim=pos_dim, img_dropout=img_dropout, heads=specs,
+                                   fresh_weights=["all"]))
 
         from transformers import BertForPreTraining
 
         pt, info = BertForPreTraining.from_pretrained(name, output_loading_info=True)
         missing = set(info.get("missing_keys", []))
         cfg = ModelConfig(bert=pt.config.to_dict(), img_feat_dim=img_feat_dim, pos_dim=pos_dim,
-                          img_dropout=img_dropout, num_contrast_classes=num_contrast_classes)
+                          img_dropout=img_dropout, heads=specs)
         for k in ("architectures", "_name_or_path", "transformers_version", "torch_dtype",
                   "dtype", "id2label", "label2id"):
             cfg.bert.pop(k, None)
         model = cls(cfg)
         model.bert.load_state_dict(pt.bert.state_dict())
-        fresh = ["img_embed", "match_head"]
-        if any(k.startswith("cls.predictions.transform") for k in missing):
-            fresh.append("mlm_head")
-        else:
-            t = pt.cls.predictions.transform
-            model.mlm_head.dense.load_state_dict(t.dense.state_dict())
-            model.mlm_head.norm.load_state_dict(t.LayerNorm.state_dict())
-            model.mlm_head.bias.data.copy_(pt.cls.predictions.decoder.bias.data)
-        if num_contrast_classes == 2 and not any("seq_relationship" in k for k in missing):
-            # BERT's next-sentence head is a natural start for Oscar's binary contrastive head.
-            model.contrast_head.load_state_dict(pt.cls.seq_relationship.state_dict())
-        else:
-            fresh.append("contrast_head")
+        fresh = ["img_embed"]
+        for spec in heads:
+            head = model.heads[spec.name]
+            if spec.init == "bert_mlm" and not any(
+                    k.startswith("cls.predictions.transform") for k in missing):
+                t = pt.cls.predictions.transform
+                head.dense.load_state_dict(t.dense.state_dict())
+                head.norm.load_state_dict(t.LayerNorm.state_dict())
+                head.bias.data.copy_(pt.cls.predictions.decoder.bias.data)
+            elif spec.init == "bert_nsp" and spec.size == 2 and not any(
+                    "seq_relationship" in k for k in missing):
+                # BERT's next-sentence head: a natural start for a binary [CLS] classifier.
+                head.load_state_dict(pt.cls.seq_relationship.state_dict())
+            else:
+                fresh.append(f"heads.{spec.name}")
         if any(k.startswith("bert.pooler") for k in missing):
             fresh.append("pooler")
         model.config.fresh_weights = fresh

@@ -365,7 +365,7 @@ def identity_differences(saved: dict, now: dict) -> list[str]:
 
 
 def run_name(identity: dict) -> str:
-    """'a pre-training run', 'a fine-tuning run for vqa' (for messages)."""
+    """'a pre-training run', 'a fine-tuning run for TASK' (for messages)."""
     if identity.get("stage") == "pretrain":
         return "a pre-training run"
     return f"a fine-tuning run for {identity.get('task')}"

@@ -1,7 +1,9 @@
 """The training loop, written once, over Hugging Face Accelerate.
 
-Pre-training and every fine-tuning task call `train()` with a dataset, a step function
-(tasks.py) and a TrainCfg. The loop is explicit: prepare, accumulate, backward, clip, step;
+Pre-training and every fine-tuning task call `train()` with one or several tasks (each a
+dataset, a collator, a step function and a mix ratio) and a TrainCfg. Each optimiser step runs
+one task, drawn from an RNG seeded by (seed, step): the same on every process, so all ranks
+run the same task in a step (UNITER's MetaLoader), and nothing to save for an exact resume. The loop is explicit: prepare, accumulate, backward, clip, step;
 held-out statistics every `eval_every` steps; metrics appended as JSON lines; a progress bar
 on the main process only. It runs unchanged on one CPU process, several processes, or
 multi-node GPUs with fp16/bf16 (`accelerate launch vlp ...`).
@@ -21,24 +23,41 @@ import json
 import logging
 import math
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from vlp_cli import VlpError, faults, runstate
 from vlp_cli.config import TrainCfg
 from vlp_cli.console import progress
-from vlp_cli.tasks import Stats, Step
+from vlp_cli.streams import Interrupted, StopRequest, Stream
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Step = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Stats]]
+__all__ = ["Interrupted", "TrainTask", "train"]
 
 logger = logging.getLogger(__name__)
 
 METRICS = "metrics.jsonl"
+
+
+@dataclass
+class TrainTask:
+    """One task of a training run."""
+
+    name: str
+    dataset: Dataset
+    collate: Callable
+    step: Step
+    ratio: float = 1.0  # share of the optimiser steps (mixed runs)
+    eval_dataset: Dataset | None = None
+    sampler: Any | None = None  # a batch sampler (see streams.Stream); None: EpochBatches
 
 
 @dataclass
@@ -49,7 +68,7 @@ class TrainResult:
     seconds: float
 
 
-def make_accelerator(cfg: TrainCfg) -> Any:
+def make_accelerator(cfg: TrainCfg, mixed: bool = False) -> Any:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     precision = cfg.mixed_precision
@@ -58,9 +77,11 @@ def make_accelerator(cfg: TrainCfg) -> Any:
         precision = "no"
     # Without a GPU, several processes (torchrun, accelerate launch) only form a gloo group
     # when accelerate is told it is on the CPU; alone, this changes nothing.
-    # Heads a task does not use (the VQA head in pre-training...) get no gradient; DDP must be
-    # told, or it waits for them forever.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # In a mixed run one task's heads sit idle in another's step: DDP must be told, or it
+    # waits for their gradients forever. A single task's model holds only its own heads, and
+    # every parameter gets a gradient: the search for unused ones (a pass over the graph every
+    # step) is skipped.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=mixed)
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
                        cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
@@ -122,20 +143,20 @@ class _Meter:
 
 
 class TaskModule(torch.nn.Module):
-    """The model and one task's step as a single module, so that everything a step computes
+    """The model and the tasks' steps as a single module, so that everything a step computes
     (encoder and heads) runs inside `forward`, where DistributedDataParallel can see it."""
 
-    def __init__(self, model: torch.nn.Module, step_fn: Step):
+    def __init__(self, model: torch.nn.Module, steps: list[Step]):
         super().__init__()
         self.model = model
-        self.step_fn = step_fn
+        self.steps = steps
 
-    def forward(self, batch: dict) -> tuple[torch.Tensor, Stats]:
-        return self.step_fn(self.model, batch)
+    def forward(self, batch: dict, task: int = 0) -> tuple[torch.Tensor, Stats]:
+        return self.steps[task](self.model, batch)
 
 
 def evaluate_stats(task: torch.nn.Module, loader: DataLoader, accelerator: Any,
-                   max_batches: int = 0) -> dict[str, float]:
+                   max_batches: int = 0, index: int = 0) -> dict[str, float]:
     """Held-out statistics of a (prepared) TaskModule over a (prepared) loader."""
     was_training = task.training
     task.eval()
@@ -150,7 +171,7 @@ def evaluate_stats(task: torch.nn.Module, loader: DataLoader, accelerator: Any,
             if max_batches and i >= max_batches:
                 break
             with accelerator.autocast():
-                _, stats = task(batch)
+                _, stats = task(batch, index)
             meter.add(stats)
     task.train(was_training)
     return meter.result(accelerator)
@@ -161,104 +182,36 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class EpochBatches(Sampler[list[int]]):
-    """This process's batches of one epoch, from a position inside it.
-
-    The order is a permutation drawn from (seed, epoch) alone (the draws torch's RandomSampler
-    makes under a DataLoader with a generator seeded `seed + epoch`), cut into full batches;
-    process `rank` of `world` takes every `world`-th batch, as Accelerate's sharded loaders do.
-    An epoch holds a whole number of accumulation windows, so a saved position (always at an
-    optimiser step) is all a resumed run needs to continue the same sequence.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int, world: int,
-                 grad_accum: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.rank, self.world = rank, world
-        self.per_rank = (n // batch_size) // world // grad_accum * grad_accum
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return max(self.per_rank - self.start, 0)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        torch.empty((), dtype=torch.int64).random_(generator=g)  # the loader's base-seed draw
-        perm = torch.randperm(self.n, generator=g).tolist()
-        bs = self.batch_size
-        for i in range(self.start, self.per_rank):
-            b = i * self.world + self.rank
-            yield perm[b * bs: (b + 1) * bs]
-
-
-class StopRequest:
-    """SIGTERM / SIGINT set a flag that the loop reads once per optimiser step: the run saves
-    its state and stops there. A second SIGINT interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        logger.warning("%s received: saving the training state after this step, then "
-                       "stopping (Ctrl-C again to stop at once)", signal.Signals(signum).name)
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
-
-class Interrupted(VlpError):
-    """The run stopped on a signal after saving its state."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
+def _prefixed(stats: dict, name: str, mixed: bool) -> dict:
+    return {f"{name}/{k}": v for k, v in stats.items()} if mixed else stats
 
 
 def train(
     model: torch.nn.Module,
-    dataset: Dataset,
-    collate: Callable,
-    step_fn: Step,
+    tasks: list[TrainTask],
     cfg: TrainCfg,
     out_dir: Path,
     *,
     seed: int,
     identity: dict,
     cfg_key: str,
-    eval_dataset: Dataset | None = None,
     save_fn: Callable[[torch.nn.Module, int], None] | None = None,
     resume_from: runstate.SavedState | None = None,
     description: str = "train",
     accelerator: Any | None = None,
 ) -> TrainResult:
-    """Run `cfg.steps` optimiser steps.
+    """Run `cfg.steps` optimiser steps over one or several tasks.
 
     Args:
         model: the model (unwrapped).
-        dataset: training items; `set_epoch(e)` is called on it when present.
-        collate: the batch collator.
-        step_fn: (model, batch) -> (loss, stats).
+        tasks: what to train; with several, each step runs one, drawn by `ratio` from an RNG
+            seeded by (seed, step), and statistics are logged as `task/name`.
         cfg: optimisation settings.
         out_dir: where metrics.jsonl and state/ go.
         seed: seeds torch, numpy and the data order.
         identity: what this run is (stage, task, recipe, inputs), recorded in every state and
             checked by `--resume` (runstate.check_resumable).
         cfg_key: the recipe section of `cfg`, for messages (`pretrain.train`).
-        eval_dataset: held-out items scored every `cfg.eval_every` steps.
         save_fn: (unwrapped model, step) -> None, called on the main process to write the
             checkpoint files at every save and at the end.
         resume_from: a checked state (runstate.check_resumable) to continue from.
@@ -267,45 +220,53 @@ def train(
     """
     from accelerate.utils import send_to_device, set_seed
 
-    accelerator = accelerator or make_accelerator(cfg)
+    mixed = len(tasks) > 1
+    accelerator = accelerator or make_accelerator(cfg, mixed)
     set_seed(seed)
     out_dir = Path(out_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
-    sampler = EpochBatches(len(dataset), cfg.batch_size, seed, rank, world, cfg.grad_accum)
-    if sampler.per_rank == 0:
-        per = f" per process ({world} processes)" if world > 1 else ""
-        accum = f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else ""
-        raise VlpError(f"{description}: {len(dataset)} training examples give no full batch of "
-                       f"{cfg.batch_size}{accum}{per}; lower {cfg_key}.batch_size")
+    streams = [Stream(t.dataset, t.collate, cfg.batch_size, seed, rank, world, cfg.grad_accum,
+                      cfg.num_workers, t.sampler) for t in tasks]
+    for t, stream in zip(tasks, streams):
+        if stream.per_rank == 0:
+            per = f" per process ({world} processes)" if world > 1 else ""
+            accum = f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else ""
+            what = f"{description} ({t.name})" if mixed else description
+            raise VlpError(f"{what}: {len(t.dataset)} training examples give no full batch of "
+                           f"{cfg.batch_size}{accum}{per}; lower {cfg_key}.batch_size")
+    ratios = np.array([t.ratio for t in tasks], dtype=np.float64)
+    ratios /= ratios.sum()
+
+    def pick(step: int) -> int:
+        return 0 if not mixed else int(np.random.default_rng([seed, step]).choice(
+            len(tasks), p=ratios))
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    # The loader's own generator only seeds worker processes; without one, every new iterator
-    # would draw from torch's global RNG, and a resumed run would see other dropout masks.
-    loader_gen = torch.Generator()
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=cfg.num_workers, generator=loader_gen)
-    eval_loader = None
-    if eval_dataset is not None and len(eval_dataset) > 0:
-        eval_loader = DataLoader(eval_dataset, batch_size=cfg.batch_size, shuffle=False,
-                                 collate_fn=collate, num_workers=cfg.num_workers)
+    eval_loaders: list[Any] = []
+    for t in tasks:
+        ev = None
+        if t.eval_dataset is not None and len(t.eval_dataset) > 0:
+            ev = DataLoader(t.eval_dataset, batch_size=cfg.batch_size, shuffle=False,
+                            collate_fn=t.collate, num_workers=cfg.num_workers)
+        eval_loaders.append(ev)
     optimizer = _optimizer(model, cfg)
     # The scheduler is stepped by hand once per optimiser step: accelerate's wrapper would step
     # it once per process, which shortens the schedule under data parallelism.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    task = TaskModule(model, step_fn)
-    # The training loader is not prepared: EpochBatches shards it and knows its position.
-    task, optimizer = accelerator.prepare(task, optimizer)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
+    module = TaskModule(model, [t.step for t in tasks])
+    # The training loaders are not prepared: each Stream shards its data and knows its position.
+    module, optimizer = accelerator.prepare(module, optimizer)
+    eval_loaders = [accelerator.prepare(ev) if ev is not None else None for ev in eval_loaders]
 
     metrics_path = out_dir / METRICS
     meter, last, held = _Meter(), {}, {}
-    step, epoch, position = 0, 0, 0
+    step = 0
     nonfinite = {"in_a_row": 0, "total": 0}
     if accelerator.is_main_process:
         runstate.clean_partial(out_dir)
     if resume_from is not None:
-        step, epoch, position = _restore(resume_from, accelerator, task, optimizer, scheduler,
-                                         meter, sampler, metrics_path)
+        step = _restore(resume_from, accelerator, module, optimizer, scheduler, meter, streams,
+                        metrics_path)
         nonfinite = dict(resume_from.trainer.get("nonfinite", nonfinite))
         last, held = resume_from.trainer.get("last", {}), resume_from.trainer.get("held_out", {})
         if step > cfg.steps:
@@ -328,44 +289,41 @@ def train(
             runstate.write_rank_files(tmp, rank, meter.state())
             if accelerator.is_main_process:
                 trainer = {
-                    "step": step, "epoch": epoch, "position": position, "world_size": world,
+                    "step": step, "epoch": streams[0].epoch, "position": streams[0].position,
+                    "streams": [[s.epoch, s.position] for s in streams],
+                    "tasks": [t.name for t in tasks], "world_size": world,
                     "seed": seed, "scheduler": runstate.scheduler_state(scheduler),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
                     "nonfinite": nonfinite, "last": last, "held_out": held,
                     "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
                     "identity": identity,
                 }
-                runstate.write_main_files(tmp, accelerator.unwrap_model(task).model, optimizer,
-                                          trainer)
+                runstate.write_main_files(tmp, accelerator.unwrap_model(module).model,
+                                          optimizer, trainer)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 runstate.finish_save(out_dir, tmp, step, cfg.keep_states)
         if accelerator.is_main_process and save_fn is not None:
-            save_fn(accelerator.unwrap_model(task).model, step)
+            save_fn(accelerator.unwrap_model(module).model, step)
         accelerator.wait_for_everyone()
 
     start = last_save = time.time()
-    task.train()
+    module.train()
     with StopRequest() as stop, progress(disable=not accelerator.is_main_process) as bar:
         bar_task = bar.add_task(description, total=cfg.steps, completed=step)
-        # Non-finite losses of this accumulation window (a tensor: no device sync per
-        # micro-batch) and the statistics that wait to be added until the window is judged.
-        window_bad = torch.zeros((), device=accelerator.device)
-        window_stats: list[Stats] = []
         while step < cfg.steps:
-            if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(epoch)
-            sampler.set_position(epoch, position)
-            loader_gen.manual_seed(seed + epoch)
-            faults.point("epoch:start")
-            for batch in loader:
-                batch = send_to_device(batch, accelerator.device)
-                position += 1
-                with accelerator.accumulate(task):
+            index = pick(step)
+            # Non-finite losses of this accumulation window (a tensor: no device sync per
+            # micro-batch) and the statistics that wait to be added until the window is judged.
+            window_bad = torch.zeros((), device=accelerator.device)
+            window_stats: list[Stats] = []
+            while True:
+                batch = send_to_device(streams[index].next(), accelerator.device)
+                with accelerator.accumulate(module):
                     with accelerator.autocast():
-                        loss, stats = task(batch)
+                        loss, stats = module(batch, index)
                     window_bad = window_bad + (~torch.isfinite(loss.detach())).any().float()
-                    window_stats.append(stats)
+                    window_stats.append(_prefixed(stats, tasks[index].name, mixed))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # One collective per step carries every shared decision.
@@ -381,54 +339,52 @@ def train(
                         faults.point("step:mid")
                         if not skip:
                             if cfg.max_grad_norm > 0:
-                                accelerator.clip_grad_norm_(task.parameters(), cfg.max_grad_norm)
+                                accelerator.clip_grad_norm_(module.parameters(),
+                                                            cfg.max_grad_norm)
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                window_bad = torch.zeros((), device=accelerator.device)
-                window_stats = []
-                scheduler.step()
-                step += 1
-                if skip:
-                    nonfinite["in_a_row"] += 1
-                    nonfinite["total"] += 1
-                    _nonfinite(nonfinite, step, cfg, cfg_key, out_dir, accelerator,
-                               metrics_path)
-                else:
-                    nonfinite["in_a_row"] = 0
-                bar.update(bar_task, completed=step)
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    last = meter.result(accelerator)
-                    meter = _Meter()
-                    if accelerator.is_main_process:
-                        _append(metrics_path, {"step": step, "split": "train",
-                                               "lr": scheduler.get_last_lr()[0], **last,
-                                               "nonfinite_skipped": nonfinite["total"],
-                                               "elapsed_s": round(time.time() - start, 1)})
-                        if "loss" in last:
-                            bar.update(bar_task,
-                                       description=f"{description} loss {last['loss']:.3f}")
-                if eval_loader is not None and (
-                        (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                    held = evaluate_stats(task, eval_loader, accelerator, cfg.eval_batches)
-                    if accelerator.is_main_process:
-                        _append(metrics_path, {"step": step, "split": "val", **held})
-                        logger.info("step %d held-out: %s", step,
-                                    ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
-                if step >= cfg.steps:
-                    break  # the final save follows
-                if (cfg.save_every and step % cfg.save_every == 0) or flags[1] or flags[2]:
-                    save()
-                    last_save = time.time()
-                if flags[1]:
-                    signum = stop.signum or signal.SIGTERM
-                    raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}: "
-                                      f"state saved in {runstate.state_root(out_dir)}; continue "
-                                      "with --resume", signum)
+                if accelerator.sync_gradients:
+                    break
+            scheduler.step()
+            step += 1
+            if skip:
+                nonfinite["in_a_row"] += 1
+                nonfinite["total"] += 1
+                _nonfinite(nonfinite, step, cfg, cfg_key, out_dir, accelerator, metrics_path)
             else:
-                faults.point("epoch:end")
-                epoch, position = epoch + 1, 0
+                nonfinite["in_a_row"] = 0
+            bar.update(bar_task, completed=step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                last = meter.result(accelerator)
+                meter = _Meter()
+                if accelerator.is_main_process:
+                    _append(metrics_path, {"step": step, "split": "train",
+                                           "lr": scheduler.get_last_lr()[0], **last,
+                                           "nonfinite_skipped": nonfinite["total"],
+                                           "elapsed_s": round(time.time() - start, 1)})
+                    if "loss" in last:
+                        bar.update(bar_task, description=f"{description} loss {last['loss']:.3f}")
+            if any(ev is not None for ev in eval_loaders) and (
+                    (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                held = {}
+                for i, (t, ev) in enumerate(zip(tasks, eval_loaders)):
+                    if ev is not None:
+                        held.update(_prefixed(evaluate_stats(module, ev, accelerator,
+                                                             cfg.eval_batches, i), t.name, mixed))
+                if accelerator.is_main_process:
+                    _append(metrics_path, {"step": step, "split": "val", **held})
+                    logger.info("step %d held-out: %s", step,
+                                ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
+            if step >= cfg.steps:
+                break  # the final save follows
+            if (cfg.save_every and step % cfg.save_every == 0) or flags[1] or flags[2]:
+                save()
+                last_save = time.time()
+            if flags[1]:
+                signum = stop.signum or signal.SIGTERM
+                raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}: "
+                                  f"state saved in {runstate.state_root(out_dir)}; continue "
+                                  "with --resume", signum)
     save()
     return TrainResult(step=step, last=last, held_out=held, seconds=time.time() - start)
 
@@ -451,9 +407,9 @@ def _nonfinite(count: dict, step: int, cfg: TrainCfg, cfg_key: str, out_dir: Pat
 
 
 def _restore(state: runstate.SavedState, accelerator: Any, task: torch.nn.Module,
-             optimizer: Any, scheduler: Any, meter: _Meter, sampler: EpochBatches,
-             metrics_path: Path) -> tuple[int, int, int]:
-    """Load a checked state into the prepared objects; returns (step, epoch, position)."""
+             optimizer: Any, scheduler: Any, meter: _Meter, streams: list[Stream],
+             metrics_path: Path) -> int:
+    """Load a checked state into the prepared objects and the streams; returns the step."""
     t = state.trainer
     model = accelerator.unwrap_model(task).model
     weights = state.tensors(runstate.WEIGHTS)
@@ -471,7 +427,11 @@ def _restore(state: runstate.SavedState, accelerator: Any, task: torch.nn.Module
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise VlpError(f"--resume: the optimizer state in {state.directory} does not fit this "
                        f"run ({str(exc).splitlines()[0][:120]})") from None
-    step, epoch, position = int(t["step"]), int(t["epoch"]), int(t["position"])
+    step = int(t["step"])
+    positions = [tuple(p) for p in t.get("streams", [[t["epoch"], t["position"]]])]
+    if len(positions) != len(streams):
+        raise VlpError(f"--resume: {state.directory} was saved by a run of {len(positions)} "
+                       f"tasks, this one has {len(streams)}")
     saved_world, world, rank = state.ranks(), accelerator.num_processes, accelerator.process_index
     if saved_world == world:
         rank_tensors = state.tensors(runstate.rank_name(rank, "safetensors"))
@@ -482,15 +442,15 @@ def _restore(state: runstate.SavedState, accelerator: Any, task: torch.nn.Module
                    accelerator.device)
     else:
         # Other shards of the data, other RNG streams: continue, but not identically.
-        position = position * saved_world // world
+        positions = [(e, p * saved_world // world) for e, p in positions]
         logger.warning("resuming a %d-process run on %d processes: the data order and RNG "
                        "streams change, so the result will differ from an uninterrupted run",
                        saved_world, world)
         from accelerate.utils import set_seed
 
         set_seed(int(t.get("seed", 0)) + step * 1000 + rank)
-    if position >= sampler.per_rank:
-        epoch, position = epoch + 1, 0
+    for stream, (epoch, position) in zip(streams, positions):
+        stream.restore(int(epoch), int(position))
     if accelerator.is_main_process and metrics_path.exists():
         # Rows written after the save are replayed by this run: cut them, keep each step once.
         keep = int(t.get("metrics_bytes", 0))
@@ -498,5 +458,5 @@ def _restore(state: runstate.SavedState, accelerator: Any, task: torch.nn.Module
             with metrics_path.open("rb+") as f:
                 f.truncate(keep)
     logger.info("resumed %s at step %d (epoch %d, batch %d)", state.directory.parent.parent,
-                step, epoch, position)
-    return step, epoch, position
+                step, streams[0].epoch, streams[0].position)
+    return step

@@ -15,6 +15,7 @@ import numpy as np
 
 from vlp_cli import VlpError
 from vlp_cli.config import DataCfg
+from vlp_cli.stores.corpus import Corpus
 from vlp_cli.stores.features import FeatureStore, Regions, position_features
 
 
@@ -149,3 +150,41 @@ def mask_tokens(ids: list[int], candidates: list[int], prob: float, builder: Exa
         elif u < 0.9:
             ids[p] = int(rng.integers(0, builder.vocab_size))
     return ids, labels
+
+
+class TaskDataset:
+    """Examples of a corpus (by index) turned into items by a task's `__getitem__`.
+
+    A plain map-style dataset (len and getitem; DataLoader asks nothing more), so that task
+    files import without torch.
+    """
+
+    def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray, seed: int):
+        self.corpus = corpus
+        self.builder = builder
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def rng(self, i: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(i)])
+
+    def other_example(self, rng: np.random.Generator, image: str) -> dict:
+        """A random example of a different image (10 tries, as in the Oscar code)."""
+        ex = {}
+        for _ in range(10):
+            ex = self.corpus.get(int(self.indices[rng.integers(len(self.indices))]))
+            if ex["images"][0] != image:
+                break
+        return ex
+
+    @staticmethod
+    def item(text: Any, img: ImageInput, **fields: Any) -> dict:
+        return {"ids": text.ids, "types": text.types, "feats": img.feats, "pos": img.pos,
+                **fields}

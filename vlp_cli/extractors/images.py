@@ -429,7 +429,7 @@ def read_boxes_jsonl(path: Path) -> GivenBoxes:
     """
     import hashlib
 
-    from vlp_cli.data.jsonl import iter_jsonl
+    from vlp_cli.readers.jsonl_lines import iter_jsonl
 
     path = Path(path)
     out: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}

@@ -49,7 +49,7 @@ def _small_easy_vqa(tmp: Path, images: int) -> tuple[Path, Path, object]:
 
     import shutil
 
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
 
     recipe = load_recipe("tiny")
     feats, corp = tmp / "features", tmp / "corpus"
@@ -60,7 +60,7 @@ def _small_easy_vqa(tmp: Path, images: int) -> tuple[Path, Path, object]:
     for i in range(images):
         shutil.copy(src / f"{i}.png", tmp / "images" / "train" / "images" / f"{i}.png")
     boxes = tmp / "boxes.jsonl"
-    from vlp_cli.data import easyvqa
+    from vlp_cli.readers import easyvqa
 
     anns = [a for a in easyvqa.derive_annotations("train") if a.image_id < images]
     easyvqa.write_boxes_jsonl(anns, boxes)

@@ -87,7 +87,7 @@ def photo_files(folder: Path, copies: int = 4) -> list[tuple[str, Path]]:
 
 def easy_vqa_files(n: int) -> list[tuple[str, Path]]:
     """The first n easy-VQA training images (in key order)."""
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
     from vlp_cli.extractors.images import list_images
 
     files = list_images(easy_vqa_root() / "train" / "images")[:n]

@@ -7,17 +7,13 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 
 from vlp_cli import VlpError
 from vlp_cli.checkpoint import load_checkpoint, quiet_transformers
 from vlp_cli.config import Recipe
-from vlp_cli.data.datasets import CaptionDataset
 from vlp_cli.data.examples import ExampleBuilder, ImageInput
-from vlp_cli.decoding import greedy_captions
 from vlp_cli.outputs import check_writable
-from vlp_cli.stages.common import check_features
-from vlp_cli.stages.evaluate import device
+from vlp_cli.stages.common import check_features, device
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.stores.features import FeatureStore, select_count
 
@@ -69,11 +65,16 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
         raise VlpError("pass either --features DIR or --images DIR")
     out = check_writable(output_path(out), file=True)
     quiet_transformers()
+    from vlp_cli import tasks as registry
+
     model, tok, meta = load_checkpoint(checkpoint)
-    if meta.get("task") != "captioning":
+    task = registry.TASKS.get(meta.get("task") or "")
+    if task is None or not hasattr(task, "caption"):
+        writers = [n for n, t in registry.TASKS.items() if hasattr(t, "caption")]
         # A pre-trained checkpoint "captions" with garbage; refuse instead of pretending.
         raise VlpError(f"{checkpoint} is a '{meta.get('task')}' checkpoint: captions need one "
-                       "from `vlp finetune captioning`")
+                       f"from `vlp finetune {' or '.join(writers)}`")
+    task = task.bind(recipe, task.state_from_meta(meta))
     model.to(device()).eval()
     refs: dict[str, list[str]] = {}
     if features is not None:
@@ -82,9 +83,10 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
         builder = ExampleBuilder(tok, store, recipe.data)
         if corpus is not None:
             c = Corpus(corpus)
-            for i in c.require("caption", split):
-                ex = c.get(int(i))
-                refs.setdefault(ex["image"], []).append(ex["text"])
+            for kind in task.kinds:
+                for i in c.require(kind, split):
+                    ex = c.get(int(i))
+                    refs.setdefault(ex["images"][0], []).append(ex["texts"][0])
             keys = sorted(refs)
         else:
             keys = store.keys()
@@ -93,9 +95,7 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
     else:
         builder = ExampleBuilder(tok, None, recipe.data, labels=meta["features"].get("labels"))
         keys, inputs = regions_from_images(Path(images), boxes, meta, builder, limit)
-    ds = CaptionDataset(None, builder, np.zeros(0), recipe.captioning,  # type: ignore[arg-type]
-                        recipe.data.max_text_len + recipe.captioning.max_caption_len, 0)
-    captions = greedy_captions(model, ds, inputs, tok, device=device())
+    captions = task.caption(model, builder, inputs, tok, device())
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for k, cap in zip(keys, captions):

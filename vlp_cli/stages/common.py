@@ -25,7 +25,7 @@ class Inputs:
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch before a stage makes anything random.
 
-    New parameters (the image embedder and heads in pre-training, a fresh VQA head in
+    New parameters (the image embedder and heads in pre-training, a fresh task head in
     fine-tuning) take their initial values from torch's global generator when the model is
     built, before the training loop seeds itself: without this, two runs of one recipe
     started from different weights.
@@ -131,18 +131,39 @@ RESUMABLE_TRAIN_KEYS = ("steps", "save_every", "save_minutes", "keep_states", "l
                         "eval_every", "eval_batches", "num_workers", "max_nonfinite")
 
 
-def run_identity(stage: str, task: str, recipe: Recipe, section: str, inputs: dict) -> dict:
+def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],
+                 inputs: dict) -> dict:
     """What a training run is, recorded in its saved states and checked by `--resume`."""
     import json
 
     from vlp_cli.config import recipe_to_dict
 
     d = recipe_to_dict(recipe)
-    sec = dict(d[section])
-    sec["train"] = {k: v for k, v in sec["train"].items() if k not in RESUMABLE_TRAIN_KEYS}
+    parts = {}
+    for section in sections:
+        sec = dict(d[section])
+        if "train" in sec:
+            sec["train"] = {k: v for k, v in sec["train"].items()
+                            if k not in RESUMABLE_TRAIN_KEYS}
+        parts[section] = sec
     ident = {"stage": stage, "task": task, "seed": recipe.seed,
-             "recipe": {section: sec, "data": d["data"], "model": d["model"]}, "inputs": inputs}
+             "recipe": {**parts, "data": d["data"], "model": d["model"]}, "inputs": inputs}
     return json.loads(json.dumps(ident))  # as it reads back from JSON: lists, not tuples
+
+
+def device() -> Any:
+    """The device a stage that does not train runs on."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def freeze_unused(model: Any, tasks: list[Any]) -> None:
+    """Freeze the pooler when no task reads the pooled [CLS] (captioning): every parameter
+    left trainable then gets a gradient in every step, as DDP without unused-parameter search
+    requires."""
+    if not any(t.uses_pooler for t in tasks) and model.bert.pooler is not None:
+        model.bert.pooler.requires_grad_(False)
 
 
 def check_writable(out: Path) -> None:

@@ -104,8 +104,8 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
     """Extract region features for every image under `images` into the store `out`.
 
     Args:
-        images: an image folder, or `easy-vqa` for the embedded data set (whose boxes and
-            shape tags are derived from the pixels when no --boxes is given).
+        images: an image folder, or the name of a data set a reader provides (readers/; its
+            reader may also derive boxes and tags when no --boxes is given).
         out: the feature store directory; an existing store of the same configuration is
             resumed (keys already there are skipped).
         recipe: its `extract` section configures the run.
@@ -117,16 +117,14 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
     cfg = recipe.extract
     out = Path(out)
     derived: Path | None = None
-    if images == "easy-vqa":
-        from vlp_cli.assets import easy_vqa_root
-        from vlp_cli.data import easyvqa
+    from vlp_cli.readers import image_source
 
-        root = easy_vqa_root()
-        if boxes is None:
+    named = image_source(images)
+    if named is not None:  # a data set vlp knows by name: its images, and boxes it derives
+        root, given_boxes = named.image_source(images, Path(tempfile.mkdtemp()))
+        if boxes is None and given_boxes is not None:
             # Kept beside the store once it is open, for anyone who wants to see them.
-            derived = Path(tempfile.mkdtemp()) / "easy-vqa-boxes.jsonl"
-            anns = easyvqa.derive_annotations("train") + easyvqa.derive_annotations("test")
-            boxes = easyvqa.write_boxes_jsonl(anns, derived)
+            boxes = derived = given_boxes
     else:
         root = Path(images)
     files = list_images(root)[:limit]
@@ -152,7 +150,7 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
     writer = FeatureStoreWriter(target, meta, commit_every=cfg.commit_every, planned=len(files))
     if derived is not None:
         shutil.move(str(derived), target / derived.name)
-        logger.info("easy-VQA boxes and shape tags derived from the pixels: %s",
+        logger.info("boxes and tags derived by the %s reader: %s", images,
                     target / derived.name)
     changed = _changed(files, writer)
     if limit is None and not sharded:

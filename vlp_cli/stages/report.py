@@ -14,18 +14,25 @@ def collect(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     if not run_dir.is_dir():
         raise VlpError(f"{run_dir} is not a folder")
     evals = []
-    for p in sorted(run_dir.rglob("eval-*.json")):
+    # evaluate's folders (metrics.json), and the eval-*.json files of vlp <= 0.2
+    for p in sorted([*run_dir.rglob("metrics.json"), *run_dir.rglob("eval-*.json")]):
         try:
-            evals.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
+            e = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
+        if isinstance(e, dict) and "task" in e:
+            evals.append(e)
     captions = []
     for p in sorted(run_dir.glob("*captions*.jsonl")):
         captions += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    from vlp_cli.readers import READERS
+
     notes = {}
-    agreement = next(iter(sorted(run_dir.rglob("easy-vqa-agreement.json"))), None)
-    if agreement is not None:
-        notes["easy-VQA annotations vs answers"] = json.loads(agreement.read_text())
+    for reader in READERS.values():  # what a reader reports about the data it derived
+        name, title, _ = getattr(reader, "REPORT_NOTE", (None, None, None))
+        found = next(iter(sorted(run_dir.rglob(name))), None) if name else None
+        if found is not None:
+            notes[title] = json.loads(found.read_text())
     return evals, captions, notes
 
 
@@ -36,18 +43,18 @@ def show(run_dir: Path) -> None:
 
     evals, captions, notes = collect(run_dir)
     if not evals and not captions:
-        raise VlpError(f"{run_dir} holds no eval-*.json or *captions*.jsonl")
+        raise VlpError(f"{run_dir} holds no evaluation (metrics.json) or *captions*.jsonl")
     table = Table(title=f"vlp results in {run_dir}", show_lines=False)
     table.add_column("task")
     table.add_column("split")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    order = {"vqa": ["vqa_accuracy", "yes/no", "other", "questions"],
-             "retrieval": ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
-                           "images", "unique_caption_images", "split_images"],
-             "captioning": ["bleu4", "meteor", "rouge_l", "cider", "images"]}
+    from vlp_cli.readers import READERS
+    from vlp_cli.tasks import TASKS
+
     for e in evals:
-        for k in order.get(e.get("task"), []):
+        task = TASKS.get(e.get("task"))
+        for k in task.report if task is not None else []:
             if e.get(k) is None:
                 continue
             v = e[k]
@@ -64,6 +71,7 @@ def show(run_dir: Path) -> None:
         out.print(ct)
     for k, v in notes.items():
         out.print(f"[bold]{k}[/]: {v}")
-    if notes:
-        out.print("Object tags here are ground-truth shape names derived from the pixels: the "
-                  "upper-bound setting of the Oscar paper, not detector tags.")
+    for reader in READERS.values():
+        _, title, footnote = getattr(reader, "REPORT_NOTE", (None, None, None))
+        if title in notes and footnote:
+            out.print(footnote)

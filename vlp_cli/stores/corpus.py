@@ -1,20 +1,25 @@
-"""The corpus store: tokenised text, image keys and task fields per example, in LMDB.
+"""The corpus store: tokenised text, image keys and labels per example, in LMDB.
 
-Examples are numbered 0..N-1 (8-byte big-endian keys) and stored as small JSON objects:
+Examples are numbered 0..N-1 (8-byte big-endian keys) and stored as small JSON objects
+(schema 3):
 
-    {"kind": "caption" | "vqa", "split": "train" | "val" | "test", "image": key,
-     "text": raw text, "ids": [word-piece ids, no special tokens],
-     # vqa only:
-     "qid": ..., "answers": [raw human answers], "labels": [answer index], "scores": [soft score]}
+    {"kind": what the example is ("caption", a question kind, "pair"...; open),
+     "split": "train" | "val" | "test", "source": the reader and file it came from,
+     "images": [image keys] (NLVR2 has two),
+     "texts": [raw text segments], "segments": [[word-piece ids, no special tokens], ...],
+     "label": the data set's own label, task-agnostic JSON (annotators' answers, a class...),
+     "id": the data set's id of the example, or null}
 
 Object tags are not baked in: the data loader reads them from the feature store with the same
-box selection as the features. The metadata record holds the tokenizer's identity, the feature
-store's fingerprint, the answer vocabulary, and per-example lengths and (kind, split) indices
-as int32 arrays for length-aware batching.
+box selection as the features. Tasks turn labels into targets (an answer vocabulary is the
+task's, not the corpus's). The metadata record holds the tokenizer's identity, the feature
+store's fingerprint, and per-example lengths and (kind, split) indices as int32 arrays for
+length-aware batching.
 
-Integrity (schema 2): each value is an 8-byte little-endian xxh3-64 checksum of the JSON that
-follows it, checked on every read; the metadata holds the checksums of the length and index
-arrays. Schema-1 corpora (no checksums) are still read.
+Integrity: each value is an 8-byte little-endian xxh3-64 checksum of the JSON that follows
+it, checked on every read; the metadata holds the checksums of the length and index arrays.
+Corpora of schema 1 (vlp 0.1, no checksums) and 2 (vlp 0.2, one text and image per example)
+are read, their examples seen as schema 3; they cannot be written to.
 """
 
 from __future__ import annotations
@@ -36,11 +41,20 @@ from vlp_cli.stores.lmdb_env import LazyReader, Writer, is_lmdb_dir
 logger = logging.getLogger(__name__)
 
 SCHEMA = "vlp.corpus"
-SCHEMA_VERSION = 2  # 2: checksums; 1: vlp 0.1
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 3: open kinds, several images and text segments; 2: checksums; 1: 0.1
+READABLE_VERSIONS = (1, 2, 3)
 _NOTED_LEGACY: set[str] = set()
-KINDS = ("caption", "vqa")
 SPLITS = ("train", "val", "test")
+FIELDS = ("kind", "split", "source", "images", "texts", "segments", "label", "id")
+
+
+def upgrade_example(ex: dict) -> dict:
+    """A schema-1/2 example (one "image", "text", "ids"; questions with "answers", "qid") as
+    schema 3 sees it."""
+    return {"kind": ex.get("kind"), "split": ex.get("split"), "source": ex.get("source", ""),
+            "images": [ex.get("image")], "texts": [ex.get("text", "")],
+            "segments": [ex.get("ids", [])], "label": ex.get("answers"),
+            "id": ex.get("qid")}
 
 
 def _key(i: int) -> bytes:
@@ -73,14 +87,18 @@ class CorpusWriter:
 
     def add(self, example: dict) -> int:
         kind, split = example.get("kind"), example.get("split")
-        if kind not in KINDS:
-            raise ValueError(f"example kind must be one of {KINDS}, got {kind!r}")
+        if not isinstance(kind, str) or not kind.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"example kind must be a name (letters, digits, _ -), got {kind!r}")
         if split not in SPLITS:
             raise ValueError(f"example split must be one of {SPLITS}, got {split!r}")
+        missing = [f for f in FIELDS if f not in example]
+        if missing or len(example["texts"]) != len(example["segments"]) or not example["images"]:
+            raise ValueError(f"example needs {', '.join(FIELDS)} (one segment per text, at "
+                             f"least one image); missing {missing}")
         i = self._n
-        blob = json.dumps(example, separators=(",", ":")).encode()
+        blob = json.dumps({f: example[f] for f in FIELDS}, separators=(",", ":")).encode()
         self._w.put(_key(i), checksum(blob).to_bytes(8, "little") + blob)
-        self._lengths.append(len(example["ids"]))
+        self._lengths.append(sum(len(s) for s in example["segments"]))
         self._index[(kind, split)].append(i)
         self._n += 1
         return i
@@ -129,7 +147,8 @@ class Corpus:
                            f"this vlp reads {', '.join(map(str, READABLE_VERSIONS))}; rebuild "
                            "it with `vlp build-corpus`")
         self.meta: dict = meta
-        self.checksums: bool = meta["schema_version"] >= 2
+        self.schema: int = meta["schema_version"]
+        self.checksums: bool = self.schema >= 2
         if not self.checksums and str(self.path.resolve()) not in _NOTED_LEGACY:
             _NOTED_LEGACY.add(str(self.path.resolve()))
             logger.info("note: %s was written by an older vlp (corpus schema 1): its records "
@@ -173,14 +192,12 @@ class Corpus:
             return None, "not valid JSON"
         if not isinstance(example, dict):
             return None, "not a JSON object"
+        if self.schema < 3:
+            example = upgrade_example(example)
         return example, None
 
     def __len__(self) -> int:
         return int(self.meta["examples"])
-
-    @property
-    def answers(self) -> list[str]:
-        return list(self.meta.get("answers", []))
 
     def get(self, i: int) -> dict:
         raw = self._reader.view(_key(i))
@@ -221,6 +238,5 @@ class Corpus:
             "length": {"min": int(self.lengths.min()) if len(self.lengths) else 0,
                        "mean": round(float(self.lengths.mean()), 2) if len(self.lengths) else 0,
                        "max": int(self.lengths.max()) if len(self.lengths) else 0},
-            "meta": {k: v for k, v in self.meta.items() if k != "answers"}
-            | {"answers": f"{len(self.answers)} answers"},
+            "meta": {k: v for k, v in self.meta.items() if k != "answers"},
         }

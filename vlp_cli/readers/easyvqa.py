@@ -658,3 +658,56 @@ def write_boxes_jsonl(annotations: Sequence[ShapeAnnotation], path: str | Path) 
             }
             handle.write(json.dumps(record) + "\n")
     return out
+
+
+# -- the reader: `easy-vqa` as a build-corpus source and an extract-features image source ------
+
+NAME = "easy-vqa"
+# For `vlp report`: the file `read` writes, its title, and what to say about it.
+REPORT_NOTE = ("easy-vqa-agreement.json", "easy-VQA annotations vs answers",
+               "Object tags here are ground-truth shape names derived from the pixels: the "
+               "upper-bound setting of the Oscar paper, not detector tags.")
+SOURCE_HELP = "`easy-vqa`: the embedded easy-VQA data (captions derived from the pixels, questions)"
+
+
+def claims(spec: str) -> bool:
+    return spec == NAME
+
+
+def read(spec: str, workdir: Path) -> list[dict]:
+    """Captions (derived from the pixels) and questions of the embedded easy-VQA data, as
+    corpus examples (texts not yet tokenised).
+
+    Writes the derived annotations and their agreement with the questions into `workdir`.
+    """
+    examples: list[dict] = []
+    reports = {}
+    with (workdir / "easy-vqa-annotations.jsonl").open("w", encoding="utf-8") as f:
+        for split in SPLITS:
+            anns = derive_annotations(split)
+            questions = load_questions(split)
+            report = check_against_questions(anns, questions)
+            reports[split] = report.summary()
+            logger.info("easy-VQA %s: %s", split, report.summary())
+            by_id = {a.image_id: a for a in anns}
+            for a in anns:
+                f.write(json.dumps({"image": a.key, "box": a.box, "color": a.color,
+                                    "shape": a.shape, "size": a.size, "position": a.position,
+                                    "caption": a.caption}) + "\n")
+                examples.append({"kind": "caption", "split": split, "images": [a.key],
+                                 "texts": [a.caption], "label": None, "id": None,
+                                 "source": NAME})
+            for n, (q, ans, image_id) in enumerate(zip(*questions)):
+                # One answer per question: scored 1 on an exact match (single-answer sets).
+                examples.append({"kind": "vqa", "split": split, "images": [by_id[image_id].key],
+                                 "texts": [q], "label": [ans], "id": f"{split}-{n}",
+                                 "source": NAME})
+    (workdir / "easy-vqa-agreement.json").write_text(json.dumps(reports, indent=2))
+    return examples
+
+
+def image_source(spec: str, scratch: Path) -> tuple[Path, Path | None]:
+    """(image folder, given-boxes JSONL or None): the boxes and shape tags derived from the
+    pixels, written into `scratch`."""
+    anns = derive_annotations("train") + derive_annotations("test")
+    return data_root(), write_boxes_jsonl(anns, scratch / "easy-vqa-boxes.jsonl")

@@ -1,0 +1,211 @@
+"""What every task declares, and the pieces tasks share.
+
+A task (one file in this folder) is a `Task` subclass: the corpus kinds it reads, how an
+example becomes model inputs and targets (`dataset`, `collate`), its heads (`heads`), its
+training step (`step`) and its evaluation (`evaluate`). Stages call these and know no task.
+
+Steps return `(loss, stats)` where stats maps a name to a (sum, count) pair of tensors; the
+training loop adds them up over steps and processes before dividing, so held-out numbers are
+exact under any batching.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vlp_cli.config import Recipe, TrainCfg
+from vlp_cli.data.examples import ExampleBuilder, TaskDataset
+from vlp_cli.stores.corpus import Corpus
+
+if TYPE_CHECKING:  # task files import without torch (vlp --help); torch comes with a run
+    import torch
+
+    from vlp_cli.model import HeadSpec, VLPModel
+
+Stats = "dict[str, tuple[torch.Tensor, torch.Tensor]]"
+Step = "Callable[[VLPModel, dict], tuple[torch.Tensor, Stats]]"
+
+INPUTS = ("input_ids", "token_type_ids", "text_mask", "img_feats", "img_pos", "img_mask")
+
+
+@dataclass
+class Context:
+    """What a task works with in one run."""
+
+    recipe: Recipe
+    corpus: Corpus
+    builder: ExampleBuilder
+    tokenizer: Any
+
+
+class Task:
+    """One task: pre-training objective or downstream task. Subclasses set the class fields."""
+
+    name: str = ""
+    stage: str = "finetune"  # "pretrain": an objective `vlp pretrain` mixes; "finetune"
+    help: str = ""  # one line for the CLI
+    kinds: tuple[str, ...] = ()  # corpus example kinds read (pre-training: from the recipe)
+    metrics: tuple[str, ...] = ()  # names `evaluate` returns (always among its keys)
+    report: tuple[str, ...] = ()  # what `vlp report` shows of a result, in this order
+    uses_pooler: bool = True  # whether a step reads the pooled [CLS] (else it is frozen)
+    recipe: Recipe  # set by `bind`
+    state: dict  # set by `bind`: what `prepare` computed (or the checkpoint kept)
+
+    def bind(self, recipe: Recipe, state: dict | None = None) -> Task:
+        """This task under a recipe and with its state (steps and collation read them)."""
+        task = copy.copy(self)
+        task.recipe, task.state = recipe, dict(state or {})
+        return task
+
+    def section(self, recipe: Recipe) -> Any:
+        """This task's recipe section: the dataclass of the same name in config.py."""
+        return getattr(recipe, self.name)
+
+    def train_cfg(self, recipe: Recipe) -> TrainCfg:
+        return self.section(recipe).train
+
+    def prepare(self, ctx: Context) -> dict:
+        """The task's state computed from the training examples (an answer vocabulary...),
+        saved in the checkpoint's meta and handed back through `bind` later."""
+        return {}
+
+    def state_from_meta(self, meta: dict) -> dict:
+        """This task's state as a checkpoint's meta.json holds it."""
+        return dict(meta.get("tasks", {}).get(self.name) or {})
+
+    def heads(self, ctx: Context) -> list[HeadSpec]:
+        raise NotImplementedError
+
+    def legacy_heads(self, config: dict) -> list[tuple[str, HeadSpec]]:
+        """(attribute, spec) of the heads a schema-1 model config (vlp <= 0.2) had for this
+        task: how checkpoint.py maps their weights."""
+        return []
+
+    def dataset(self, ctx: Context, split: str, seed: int) -> TaskDataset:
+        raise NotImplementedError
+
+    def collate(self, items: list[dict], batch: dict) -> None:
+        """Add this task's targets and masks to a batch the generic collator padded."""
+
+    def step(self, model: VLPModel, batch: dict) -> tuple[torch.Tensor, Stats]:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: Context, model: VLPModel, split: str, limit: int | None,
+                 accelerator: Any) -> tuple[dict, list[dict]]:
+        """(metrics, predictions) on a corpus split; scoring is split over processes."""
+        raise NotImplementedError
+
+    def check_checkpoint(self, meta: dict) -> str | None:
+        """Why a checkpoint cannot be evaluated for this task, or None."""
+        if meta.get("task") != self.name:
+            return (f"a '{meta.get('task')}' checkpoint, not '{self.name}': run "
+                    f"`vlp finetune {self.name}` on it first")
+        return None
+
+
+# -- shared pieces -------------------------------------------------------------------------------
+
+
+def encode(model: VLPModel, batch: dict) -> torch.Tensor:
+    return model(*(batch[k] for k in INPUTS), attn_mask=batch.get("attn_mask"))
+
+
+def mean_stat(value: torch.Tensor, n: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    n = torch.as_tensor(n, dtype=torch.float32, device=value.device)
+    return value.detach().float() * n, n
+
+
+def count_stat(correct: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    return correct.detach().float(), torch.as_tensor(float(n), device=correct.device)
+
+
+def masked_tokens(model: VLPModel, hidden: torch.Tensor, labels: torch.Tensor,
+                  smoothing: float = 0.0, head: str = "mlm") -> tuple[torch.Tensor, Stats]:
+    """The masked-token loss over the text positions that carry a label."""
+    from vlp_cli.losses import masked_token_loss
+
+    text = hidden[:, : labels.shape[1]]
+    where = labels != -100  # [B, T]
+    logits = model.mlm_logits(text, where, head)  # [M, V]
+    target = labels[where]
+    loss = masked_token_loss(logits, target, smoothing)
+    correct = (logits.argmax(-1) == target).sum()
+    return loss, {"mlm_loss": mean_stat(loss, target.numel()),
+                  "mlm_acc": count_stat(correct, target.numel())}
+
+
+def pad_labels(items: list[dict], key: str, t: int) -> torch.Tensor:
+    """Per-item label lists padded with -100 to [B, t]."""
+    import torch
+
+    labels = torch.full((len(items), t), -100, dtype=torch.long)
+    for i, x in enumerate(items):
+        labels[i, : len(x[key])] = torch.as_tensor(x[key])
+    return labels
+
+
+def longs(items: list[dict], key: str) -> torch.Tensor:
+    import torch
+
+    return torch.as_tensor([x[key] for x in items], dtype=torch.long)
+
+
+def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit: int | None,
+                   accelerator: Any) -> dict:
+    """Evaluation by the training step's own statistics (pre-training objectives)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vlp_cli.data.datasets import Collator
+
+    ds = task.dataset(ctx, split, ctx.recipe.seed + 1)
+    if limit is not None:
+        ds.indices = ds.indices[:limit]
+    loader = accelerator.prepare(DataLoader(ds, batch_size=32, collate_fn=Collator(
+        ctx.builder.pad_id, task.collate)))
+    sums: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for batch in loader:
+            _, stats = task.step(model, batch)
+            for k, (s, n) in stats.items():
+                sums[k] = sums.get(k, torch.zeros(2, device=s.device)) + torch.stack(
+                    [s.reshape(()), n.reshape(()).to(s.device)])
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    packed = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+    return {k: float(s / n) if n > 0 else float("nan") for k, (s, n) in zip(keys, packed.tolist())}
+
+
+def sharded_map(accelerator: Any, dataset: Any, collate: Callable, fn: Callable,
+                batch_size: int, label: str) -> torch.Tensor:
+    """`fn(batch) -> [B, ...]` over a dataset split across processes; the rows of every
+    process gathered in dataset order, each example once (`gather_for_metrics` drops the
+    padding of an uneven last batch). A progress bar on the main process."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vlp_cli.console import progress
+
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+    parts = []
+    with progress(disable=not accelerator.is_main_process) as bar, torch.no_grad():
+        t = bar.add_task(label, total=len(dataset))
+        for batch in loader:
+            rows = accelerator.gather_for_metrics(fn(batch))
+            parts.append(rows.cpu())
+            bar.advance(t, len(rows))
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def subset(indices: np.ndarray, limit: int | None) -> np.ndarray:
+    return indices if limit is None else indices[:limit]
