@@ -16,8 +16,7 @@ from vlp_cli.data.datasets import CaptionDataset
 from vlp_cli.data.examples import ExampleBuilder, ImageInput
 from vlp_cli.decoding import greedy_captions
 from vlp_cli.outputs import check_writable
-from vlp_cli.stages.common import check_features
-from vlp_cli.stages.evaluate import device
+from vlp_cli.stages.common import check_features, device
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.stores.features import FeatureStore, select_count
 

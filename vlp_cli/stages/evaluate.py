@@ -19,16 +19,12 @@ from vlp_cli.data.datasets import CaptionDataset, Collator, RetrievalTrainDatase
 from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.outputs import check_writable
 from vlp_cli.decoding import greedy_captions
-from vlp_cli.stages.common import open_checkpoint_inputs
+from vlp_cli.stages.common import device, open_checkpoint_inputs
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.tasks import encode
 
 logger = logging.getLogger(__name__)
 TASKS = ("vqa", "retrieval", "captioning")
-
-
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def evaluate_vqa(model: Any, c: Corpus, builder: ExampleBuilder, recipe: Recipe, split: str,
