@@ -216,9 +216,8 @@ def test_extractor_matches_the_plain_per_image_path(tmp_path: Path) -> None:
     """The whole extractor, bit for bit, against the straightforward code it replaced."""
     from vlp_cli.config import Recipe
     from vlp_cli.extractors.images import ImageFolder
-    from vlp_cli.extractors.pipeline import Extractor
+    from vlp_cli.extractors.pipeline import Extractor, extract_batches
     from vlp_cli.stages.bench_features import easy_vqa_files, photo_files
-    from vlp_cli.stages.extract import extract_batches
 
     cfg = Recipe().extract
     cfg.batch_size = 4

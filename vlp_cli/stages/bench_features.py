@@ -130,8 +130,7 @@ def _predecode(files: list[tuple[str, Path]], extractor: Any, cfg: ExtractCfg,
 def _extract_part(files: list[tuple[str, Path]], cfg: ExtractCfg, reps: int,
                   target: float) -> dict:
     """The extract ratio over one image set, with one extraction configuration."""
-    from vlp_cli.extractors.pipeline import Extractor
-    from vlp_cli.stages.extract import extract_batches
+    from vlp_cli.extractors.pipeline import Extractor, extract_batches
     from vlp_cli.stores.features import FeatureStoreWriter
 
     extractor = Extractor(cfg)
