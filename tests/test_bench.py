@@ -17,14 +17,21 @@ import pytest
 import torch
 
 from vlp_cli import VlpError
-from vlp_cli.stages.bench_features import (
+from vlp_cli.benches.common import combine
+from vlp_cli.benches.store_read import (
     SELECTION,
     MemmapStore,
     ReadScale,
-    _combine,
     bench_store_read,
     synthetic_records,
     uniter_arrays,
+)
+from vlp_cli.benches.uniter_style import (
+    UniterStyleReader,
+    UniterStyleWriter,
+    encode_array,
+    pack_record,
+    unpack_record,
 )
 from vlp_cli.stores.features import (
     FeatureStore,
@@ -33,13 +40,6 @@ from vlp_cli.stores.features import (
     decode_regions,
     encode_regions,
     select_count,
-)
-from vlp_cli.stores.uniter_style import (
-    UniterStyleReader,
-    UniterStyleWriter,
-    encode_array,
-    pack_record,
-    unpack_record,
 )
 
 SMALL = ReadScale(regions=14, dim=24, classes=7)
@@ -162,9 +162,9 @@ def test_store_read_bench_is_well_formed() -> None:
 def test_combine_takes_the_worst_part() -> None:
     parts = {"a": {"ratio": 0.9, "met": True, "ratios": [0.9]},
              "b": {"ratio": 0.8, "met": False, "ratios": [0.8]}}
-    r = _combine(parts, 0.85)
+    r = combine(parts, 0.85)
     assert (r["ratio"], r["met"], r["worst"], r["ratios"]) == (0.8, False, "b", [0.8])
-    r = _combine({"a": {"ratio": 1.2, "met": False, "ratios": [1.2]},
+    r = combine({"a": {"ratio": 1.2, "met": False, "ratios": [1.2]},
                   "b": {"ratio": 1.0, "met": True, "ratios": [1.0]}}, 1.1, direction="<=")
     assert (r["ratio"], r["worst"], r["direction"]) == (1.2, "a", "<=")
 
@@ -216,9 +216,8 @@ def test_extractor_matches_the_plain_per_image_path(tmp_path: Path) -> None:
     """The whole extractor, bit for bit, against the straightforward code it replaced."""
     from vlp_cli.config import Recipe
     from vlp_cli.extractors.images import ImageFolder
-    from vlp_cli.extractors.pipeline import Extractor
-    from vlp_cli.stages.bench_features import easy_vqa_files, photo_files
-    from vlp_cli.stages.extract import extract_batches
+    from vlp_cli.extractors.pipeline import Extractor, extract_batches
+    from vlp_cli.benches.extract import easy_vqa_files, photo_files
 
     cfg = Recipe().extract
     cfg.batch_size = 4
@@ -251,7 +250,7 @@ def test_extractor_matches_the_plain_per_image_path(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_extract_bench_is_well_formed() -> None:
-    from vlp_cli.stages.bench_features import bench_extract
+    from vlp_cli.benches.extract import bench_extract
 
     r = bench_extract(reps=1, easy_vqa_images=4, photo_copies=1)
     assert set(r["parts"]) == {"easy-vqa", "photos"}
@@ -263,7 +262,7 @@ def test_extract_bench_is_well_formed() -> None:
 
 @pytest.mark.slow
 def test_extract_memory_bench_is_well_formed() -> None:
-    from vlp_cli.stages.bench_features import bench_extract_memory
+    from vlp_cli.benches.memory import bench_extract_memory
 
     r = bench_extract_memory(reps=1, small=4, large=8)
     assert r["direction"] == "<=" and r["met"] == (r["ratio"] <= r["target"])
@@ -275,7 +274,7 @@ def test_peak_is_this_process_high_water_mark() -> None:
     """VmHWM, unlike ru_maxrss, does not start from the spawning process's size."""
     import sys
 
-    from vlp_cli.stages.bench_features import _proc_status_kib
+    from vlp_cli.benches.memory import _proc_status_kib
 
     hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
     if not sys.platform.startswith("linux"):
@@ -287,7 +286,7 @@ def test_peak_is_this_process_high_water_mark() -> None:
 
 @pytest.mark.slow
 def test_pipeline_bench_is_well_formed() -> None:
-    from vlp_cli.stages.bench import bench_pipeline
+    from vlp_cli.benches.pipeline import bench_pipeline
 
     r = bench_pipeline(reps=1, steps=2, images=200)
     assert r["loader_per_s"] > 0 and r["in_memory_per_s"] > 0 and len(r["ratios"]) == 1

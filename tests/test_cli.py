@@ -120,8 +120,7 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     # Same pixels, same extractor rebuilt from the store's metadata: the same features (up to
     # fp16 and thread-count rounding; captions of a tiny random model can flip on such ties).
     from vlp_cli.extractors.images import list_images, read_boxes_jsonl
-    from vlp_cli.extractors.pipeline import Extractor
-    from vlp_cli.stages.extract import extract_batches
+    from vlp_cli.extractors.pipeline import Extractor, extract_batches
     from vlp_cli.stores.features import FeatureStore
 
     store = FeatureStore(f)

@@ -29,7 +29,7 @@ def launch(*args: str | Path, procs: int = 2) -> None:
 
 
 def test_extraction_on_two_processes_writes_two_shards(tmp_path: Path) -> None:
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
     from vlp_cli.stores.features import FeatureStore
 
     imgs = tmp_path / "imgs"

@@ -22,7 +22,7 @@ PHOTOS = Path(os.environ.get("VLP_DARKNET_DATA", "/usr/share/darknet/data"))
 
 
 def _easy_vqa_folder(root: Path, n: int) -> Path:
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
 
     src = easy_vqa_root() / "train" / "images"
     for i in range(n):

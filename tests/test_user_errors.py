@@ -175,7 +175,7 @@ def test_builtin_names_are_in_the_help() -> None:
 
 
 def test_no_recipe_uses_the_defaults_made_for_photos_and_says_so(tmp_path: Path) -> None:
-    from vlp_cli.assets import easy_vqa_root
+    from vlp_cli.readers.easyvqa import data_root as easy_vqa_root
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

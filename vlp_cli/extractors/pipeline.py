@@ -2,22 +2,27 @@
 
 One `Extractor` serves `vlp extract-features` and `vlp caption --images`: it can be rebuilt
 from a feature store's metadata, so raw images get exactly the features a checkpoint saw.
+`extract_batches` streams a list of image files through it, decoded in DataLoader workers.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from vlp_cli import VlpError
 from vlp_cli.config import ExtractCfg
 from vlp_cli.extractors.backbone import Backbone, file_sha256, grid_boxes, load_backbone
-from vlp_cli.extractors.images import Decoded, GivenBoxes, one_torch_thread
+from vlp_cli.extractors.images import (Decoded, GivenBoxes, ImageFolder, collate_decoded,
+                                       one_torch_thread)
 from vlp_cli.stores.features import Regions, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -225,3 +230,25 @@ class Extractor:
         feats = pooled.float().numpy().astype(np.float16)
         return Regions(features=feats[1:], boxes=boxes, class_ids=cls, confidences=scores,
                        width=w, height=h, class_probs=probs, image_feature=feats[0])
+
+
+def extract_batches(files: list[tuple[str, Path]], extractor: Extractor, batch_size: int,
+                    num_workers: int, keep_rgb: bool = False,
+                    ) -> Iterator[list[tuple[str, Regions | None, str | None, object]]]:
+    """Per batch: (key, regions or None, error or None, decoded image) for each file."""
+    cfg = extractor.cfg
+    dataset = ImageFolder(files, cfg.min_size, cfg.max_size,
+                          letterbox=extractor.letterbox_size, keep_rgb=keep_rgb)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=collate_decoded)
+    batches = iter(loader)
+    while True:
+        # Without workers the batch is decoded here, on this process's threads: on one torch
+        # thread, as a worker would (see one_torch_thread).
+        with one_torch_thread() if num_workers == 0 else nullcontext():
+            batch = next(batches, None)
+        if batch is None:
+            break
+        good = [x for x in batch if x.error is None]
+        regions = dict(zip((x.key for x in good), extractor(good)))
+        yield [(x.key, regions.get(x.key), x.error, x) for x in batch]

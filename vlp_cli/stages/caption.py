@@ -24,8 +24,7 @@ def regions_from_images(images: Path, boxes: Path | None, meta: dict, builder: E
                         limit: int | None) -> tuple[list[str], list[ImageInput]]:
     """Extract features from raw images exactly as the checkpoint's feature store was made."""
     from vlp_cli.extractors.images import list_images, read_boxes_jsonl
-    from vlp_cli.extractors.pipeline import Extractor
-    from vlp_cli.stages.extract import extract_batches
+    from vlp_cli.extractors.pipeline import Extractor, extract_batches
 
     given = read_boxes_jsonl(boxes) if boxes is not None else None
     extractor = Extractor.from_meta(meta["features"], given)

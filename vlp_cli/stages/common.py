@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlp_cli import VlpError
 from vlp_cli.checkpoint import is_checkpoint, tokenizer_identity
@@ -13,7 +13,17 @@ from vlp_cli.config import Recipe, load_recipe, load_recipe_data
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.stores.features import FeatureStore
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
+
+
+def device() -> torch.device:
+    """Where evaluation and captioning run: the GPU when there is one, else the CPU."""
+    import torch  # here, not at the top: most users of this module never need it
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -149,13 +159,6 @@ def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],
     ident = {"stage": stage, "task": task, "seed": recipe.seed,
              "recipe": {**parts, "data": d["data"], "model": d["model"]}, "inputs": inputs}
     return json.loads(json.dumps(ident))  # as it reads back from JSON: lists, not tuples
-
-
-def device() -> Any:
-    """The device a stage that does not train runs on."""
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def freeze_unused(model: Any, tasks: list[Any]) -> None:

@@ -17,46 +17,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
 from pathlib import Path
-
-from torch.utils.data import DataLoader
 
 from vlp_cli import VlpError
 from vlp_cli.config import Recipe, save_recipe
 from vlp_cli.console import progress
-from vlp_cli.extractors.images import (ImageFolder, collate_decoded, list_images,
-                                       one_torch_thread, read_boxes_jsonl)
-from vlp_cli.extractors.pipeline import Extractor
-from vlp_cli.stores.features import FeatureStoreWriter, Regions, shard_name, store_parts
+from vlp_cli.extractors.images import list_images, read_boxes_jsonl
+from vlp_cli.extractors.pipeline import Extractor, extract_batches
+from vlp_cli.stores.features import FeatureStoreWriter, shard_name, store_parts
 from vlp_cli.stores.integrity import file_signature
 from vlp_cli.stores.lmdb_env import LazyReader
 
 logger = logging.getLogger(__name__)
 FAILURES = "failures.jsonl"
-
-
-def extract_batches(files: list[tuple[str, Path]], extractor: Extractor, batch_size: int,
-                    num_workers: int, keep_rgb: bool = False,
-                    ) -> Iterator[list[tuple[str, Regions | None, str | None, object]]]:
-    """Per batch: (key, regions or None, error or None, decoded image) for each file."""
-    cfg = extractor.cfg
-    dataset = ImageFolder(files, cfg.min_size, cfg.max_size,
-                          letterbox=extractor.letterbox_size, keep_rgb=keep_rgb)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_decoded)
-    batches = iter(loader)
-    while True:
-        # Without workers the batch is decoded here, on this process's threads: on one torch
-        # thread, as a worker would (see one_torch_thread).
-        with one_torch_thread() if num_workers == 0 else nullcontext():
-            batch = next(batches, None)
-        if batch is None:
-            break
-        good = [x for x in batch if x.error is None]
-        regions = dict(zip((x.key for x in good), extractor(good)))
-        yield [(x.key, regions.get(x.key), x.error, x) for x in batch]
 
 
 def _rank() -> tuple[int, int]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from vlp_cli import VlpError
 from vlp_cli.stores.features import FeatureStore, Regions, position_features
-from vlp_cli.stores.importers import (
+from vlp_cli.stores.import_common import (
     Record, Source, TsvIndex, Vocab, b64_floats, check_boxes, parse_json, to_f16, tsv_rows,
 )
 

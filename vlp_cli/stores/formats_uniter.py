@@ -37,7 +37,7 @@ import numpy as np
 
 from vlp_cli import VlpError
 from vlp_cli.stores.features import Regions
-from vlp_cli.stores.importers import Record, Source, Vocab, check_boxes, to_f16
+from vlp_cli.stores.import_common import Record, Source, Vocab, check_boxes, to_f16
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ This module writes such an LMDB and reads it the same way, with vlp's read-time 
 (`select_count`) in place of UNITER's precomputed `name2nbb` table, so that both arms return
 the same regions. msgpack_numpy itself is not a dependency: its encoding is reproduced here
 for numeric arrays only (it would pickle object arrays; this module never unpickles). To
-import real UNITER LMDBs into a vlp store, see `formats_uniter.py`.
+import real UNITER LMDBs into a vlp store, see `vlp_cli.stores.formats_uniter`.
 """
 
 from __future__ import annotations

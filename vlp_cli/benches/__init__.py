@@ -1,0 +1,21 @@
+"""`vlp bench`'s benchmarks: speed (or memory) as ratios against a baseline in the same run.
+
+One module per benchmark; `common` holds what they share. The registry below is what
+`vlp bench NAME` offers, in the order `vlp bench all` runs them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vlp_cli.benches.extract import bench_extract
+from vlp_cli.benches.memory import bench_extract_memory
+from vlp_cli.benches.pipeline import bench_pipeline
+from vlp_cli.benches.store_read import bench_store_read
+
+BENCHES: dict[str, Callable[..., dict]] = {
+    "pipeline": bench_pipeline,
+    "extract": bench_extract,
+    "store-read": bench_store_read,
+    "extract-memory": bench_extract_memory,
+}
