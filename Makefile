@@ -45,11 +45,11 @@ demo: install
 	$(VLP) build-corpus easy-vqa --features $(DEMO_DIR)/features --out $(DEMO_DIR)/corpus --recipe $(RECIPE)
 	$(VLP) pretrain $(RECIPE) --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/pretrained
 	$(VLP) finetune vqa --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/vqa
-	$(VLP) evaluate vqa --checkpoint $(DEMO_DIR)/vqa --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/vqa/eval-test.json
+	$(VLP) evaluate vqa --checkpoint $(DEMO_DIR)/vqa --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/eval-vqa-test
 	$(VLP) finetune retrieval --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/retrieval
-	$(VLP) evaluate retrieval --checkpoint $(DEMO_DIR)/retrieval --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/retrieval/eval-test.json
+	$(VLP) evaluate retrieval --checkpoint $(DEMO_DIR)/retrieval --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/eval-retrieval-test
 	$(VLP) finetune captioning --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/captioning
-	$(VLP) evaluate captioning --checkpoint $(DEMO_DIR)/captioning --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --limit 200 --out $(DEMO_DIR)/captioning/eval-test.json
+	$(VLP) evaluate captioning --checkpoint $(DEMO_DIR)/captioning --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --limit 200 --out $(DEMO_DIR)/eval-captioning-test
 	$(VLP) caption --checkpoint $(DEMO_DIR)/captioning --features $(DEMO_DIR)/features --corpus $(DEMO_DIR)/corpus --split test --limit 8 --out $(DEMO_DIR)/captions.jsonl
 	$(VLP) report $(DEMO_DIR)
 

@@ -69,3 +69,53 @@ def test_pretraining_on_two_processes(tiny_data: dict, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming a 2-process run on 1 processes" in " ".join(res.stderr.split())
     assert json.loads((out / "meta.json").read_text())["step"] == 8
+
+
+def test_two_processes_evaluate_each_example_once_with_the_same_scores(
+        tiny_data: dict, tmp_path: Path) -> None:
+    """Scoring split over two processes and gathered: every example once, in order, with the
+    scores one process gives (7 examples in batches of 2: the last batch is uneven)."""
+    worker = Path(__file__).parent / "eval_worker.py"
+    args = [tiny_data["corpus"], tiny_data["features"], 7]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(worker), *map(str, args), str(tmp_path / "1.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(worker), *map(str, args), str(tmp_path / "2.json")]
+    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = json.loads((tmp_path / "1.json").read_text())
+    r2 = json.loads((tmp_path / "2.json").read_text())
+    assert r1["processes"] == 1 and r2["processes"] == 2
+    want = r1["indices"]
+    assert len(want) == 7
+    for r in (r1, r2):
+        assert [int(row[0]) for row in r["rows"]] == want  # each once, in dataset order
+    for a, b in zip(r1["rows"], r2["rows"]):
+        assert abs(a[1] - b[1]) <= 1e-5
+
+
+def test_vlp_evaluate_on_two_processes(tiny_data: dict, tmp_path: Path) -> None:
+    """`vlp evaluate` under accelerate launch: one folder of results, each question once."""
+    from vlp_cli.config import load_recipe
+    from vlp_cli.stages import finetune, pretrain
+
+    recipe = load_recipe("tiny", tiny_recipe_sets() + ["pretrain.train.steps=1",
+                                                       "vqa.train.steps=1"])
+    pretrain.run(recipe, tiny_data["corpus"], tiny_data["features"], tmp_path / "pre")
+    finetune.run("vqa", tmp_path / "pre", tiny_data["corpus"], tiny_data["features"],
+                 tmp_path / "vqa", recipe)
+    common = ["evaluate", "vqa", "-k", tmp_path / "vqa", "-c", tiny_data["corpus"], "-f",
+              tiny_data["features"]]
+    launch(*common, "-o", tmp_path / "e2")
+    res = subprocess.run([sys.executable, "-m", "vlp_cli", *map(str, common), "-o",
+                          str(tmp_path / "e1")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    p1, p2 = ([json.loads(x) for x in (tmp_path / e / "predictions.jsonl").read_text()
+               .splitlines()] for e in ("e1", "e2"))
+    assert [p["qid"] for p in p1] == [p["qid"] for p in p2]
+    assert len({p["qid"] for p in p2}) == len(p2)
+    m1, m2 = (json.loads((tmp_path / e / "metrics.json").read_text()) for e in ("e1", "e2"))
+    assert m1["questions"] == m2["questions"] == len(p1)

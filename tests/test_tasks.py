@@ -105,3 +105,39 @@ def test_the_registry_gives_the_cli_its_choices() -> None:
     res = CliRunner().invoke(app, ["finetune", "no-such-task", "-k", "x", "-c", "x", "-f", "x",
                                    "-o", "x"])
     assert res.exit_code == 1 and "choose one of" in res.output
+
+
+def test_a_mixed_run_draws_one_task_per_step_by_ratio(world: dict, tmp_path: Path) -> None:
+    """Two tasks in one run: each step runs one, drawn from (seed, step); statistics carry the
+    task's name; the draw is the same in every run of the same seed."""
+    import json
+
+    from vlp_cli.config import TrainCfg
+    from vlp_cli.data.datasets import Collator
+    from vlp_cli.model import VLPModel
+    from vlp_cli.training import TrainTask, train
+
+    recipe, ctx = world["recipe"], world["ctx"]
+    tasks = [TASKS[n].bind(recipe) for n in ("oscar", "retrieval")]
+    tasks = [t.bind(recipe, t.prepare(ctx)) for t in tasks]
+    heads = [h for t in tasks for h in t.heads(ctx)]
+    cfg = TrainCfg(steps=12, batch_size=2, warmup_steps=1, eval_every=0, save_every=0,
+                   save_minutes=0, log_every=1)
+
+    def run(out: Path) -> list[dict]:
+        torch.manual_seed(0)
+        model = VLPModel.from_text_encoder("random:tiny", 16, heads,
+                                           vocab_size=len(world["tok"]))
+        work = [TrainTask(t.name, t.dataset(ctx, "train", 0), Collator(ctx.builder.pad_id,
+                          t.collate), t.step, ratio) for t, ratio in zip(tasks, (3.0, 1.0))]
+        train(model, work, cfg, out, seed=7, identity={"stage": "test"}, cfg_key="x.train")
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    rows = run(tmp_path / "a")
+    ran = ["oscar" if "oscar/loss" in r else "retrieval" for r in rows if r["split"] == "train"]
+    assert len(ran) == 12 and set(ran) == {"oscar", "retrieval"}
+    assert ran.count("oscar") > ran.count("retrieval")  # 3:1
+    assert all("loss" not in r for r in rows)  # prefixed: oscar/loss, retrieval/loss
+    again = run(tmp_path / "b")
+    assert ran == ["oscar" if "oscar/loss" in r else "retrieval" for r in again
+                   if r["split"] == "train"]

@@ -213,7 +213,7 @@ class Captioning(Task):
                 rows[r, : len(w)] = torch.as_tensor(w, dtype=torch.long)
             return rows.to(accelerator.device)
 
-        rows = sharded_map(accelerator, list(range(len(keys))), None, generate, 64,
+        rows = sharded_map(accelerator, list(range(len(keys))), None, generate, 32,
                            "captioning eval")
         preds = {k: ctx.tokenizer.decode([t for t in row if t >= 0],
                                          skip_special_tokens=True).strip()

@@ -111,7 +111,11 @@ class Oscar(Task):
         return loss, stats
 
     def check_checkpoint(self, meta: dict) -> str | None:
-        return None  # any checkpoint with the heads can be scored on held-out examples
+        # Any checkpoint trained with this objective (pre-trained, or mixed) can be scored.
+        if self.name not in meta.get("tasks", {}):
+            return (f"a '{meta.get('task')}' checkpoint, not trained with the '{self.name}' "
+                    "objective (its heads are not in it)")
+        return None
 
     def evaluate(self, ctx: Context, model: VLPModel, split: str, limit: int | None,
                  accelerator: Any) -> tuple[dict, list[dict]]:
