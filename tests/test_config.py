@@ -70,3 +70,15 @@ def test_bad_yaml_and_missing_file(tmp_path: Path) -> None:
 def test_every_shipped_recipe_is_valid(path: Path) -> None:
     r = load_recipe(path)
     assert r.name == path.stem
+
+
+def test_moved_keys_are_read_under_their_new_names_and_set_wins() -> None:
+    from vlp_cli import VlpError
+
+    assert load_recipe("oscar-base", ["pretrain.pollute_prob=0.3"]).oscar.pollute_prob == 0.3
+    old_file = {"pretrain": {"mask_prob": 0.1}, "corpus": {"max_answers": 10}}
+    r = load_recipe(None, ["pretrain.mask_prob=0.2"], base=old_file)
+    assert r.oscar.mask_prob == 0.2 and r.vqa.max_answers == 10
+    with pytest.raises(VlpError, match="'pretrain.mask_prob' .* and 'oscar.mask_prob' .* "
+                                       "disagree"):
+        load_recipe(None, [], base={"pretrain": {"mask_prob": 0.1}, "oscar": {"mask_prob": 0.2}})

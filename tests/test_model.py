@@ -165,3 +165,20 @@ def test_from_embedded_text_encoder_loads_weights() -> None:
 def test_random_tiny_needs_vocab() -> None:
     with pytest.raises(ValueError):
         VLPModel.from_text_encoder("random:tiny", 16, [])
+
+
+def test_a_fresh_head_depends_on_the_seed_and_its_name_only() -> None:
+    """Fine-tuning results must not depend on which other heads a checkpoint holds."""
+    a = [HeadSpec("mlm", "masked_tokens"), HeadSpec("answers", "mlp", 5)]
+    b = [HeadSpec("answers", "mlp", 5)]
+    m1 = VLPModel(ModelConfig(bert=tiny_bert(VOCAB), img_feat_dim=16,
+                              heads=[h.to_dict() for h in a]), seed=3)
+    m2 = VLPModel(ModelConfig(bert=tiny_bert(VOCAB), img_feat_dim=16,
+                              heads=[h.to_dict() for h in b]), seed=3)
+    for p, q in zip(m1.heads["answers"].parameters(), m2.heads["answers"].parameters()):
+        assert torch.equal(p, q)
+    state = torch.random.get_rng_state()
+    m2.with_heads([HeadSpec("answers", "mlp", 5), HeadSpec("new", "linear", 2)], seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator untouched
+    m3 = tiny_model().with_heads([HeadSpec("new", "linear", 2)], seed=3)
+    assert torch.equal(m2.heads["new"].weight, m3.heads["new"].weight)

@@ -103,7 +103,7 @@ def test_resume_refuses_another_run(tiny_data: dict, tmp_path: Path) -> None:
     _pretrain(tiny_data, pre, ["pretrain.train.steps=2"])
     before = (pre / "model.safetensors").read_bytes()
     recipe = load_recipe("tiny", tiny_recipe_sets())
-    with pytest.raises(VlpError, match="holds a pre-training run, not a fine-tuning run "
+    with pytest.raises(VlpError, match=r"holds a pre-training run \(oscar\), not a fine-tuning run "
                                        "for retrieval"):
         finetune.run("retrieval", pre, tiny_data["corpus"], tiny_data["features"], pre, recipe,
                      resume=True)
@@ -262,7 +262,7 @@ def test_inspect_and_verify_a_training_state(tiny_data: dict, tmp_path: Path) ->
     state = out / "state" / "step-00000002"
     info = json.loads(CliRunner().invoke(app, ["inspect", str(state), "--json"]).stdout)
     assert info["kind"] == "training state" and info["step"] == 2
-    assert info["run"] == "a pre-training run"
+    assert info["run"] == "a pre-training run (oscar)"
     ck = json.loads(CliRunner().invoke(app, ["inspect", str(out), "--json"]).stdout)
     assert [s["step"] for s in ck["training_states"]] == [2]
     res = CliRunner().invoke(app, ["verify", str(state)])

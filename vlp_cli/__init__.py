@@ -1,6 +1,6 @@
 """vlp: vision-language pre-training (Oscar, UNITER) from a laptop CPU to many GPUs."""
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 
 class VlpError(Exception):

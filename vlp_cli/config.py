@@ -401,10 +401,18 @@ def _migrate(data: dict, source: str) -> dict:
         if isinstance(section, dict) and k_old in section:
             data.setdefault(s_new, {})
             if isinstance(data[s_new], dict):
-                data[s_new].setdefault(k_new, section[k_old])
-                del section[k_old]
-                logger.debug("%s: '%s' is now '%s'", source, old, new)
+                if k_new in data[s_new] and data[s_new][k_new] != section[k_old]:
+                    raise VlpError(f"{source}: '{old}' ({section[k_old]!r}) and '{new}' "
+                                   f"({data[s_new][k_new]!r}) disagree: '{old}' is the older "
+                                   f"name of '{new}'; keep only '{new}'")
+                data[s_new][k_new] = section.pop(k_old)
+                logger.info("%s: '%s' is now '%s' (read as such)", source, old, new)
     return data
+
+
+def moved_key(key: str) -> str:
+    """The current name of a dotted recipe key (`pretrain.mask_prob` -> `oscar.mask_prob`)."""
+    return MOVED_KEYS.get(key, key)
 
 
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
@@ -424,7 +432,8 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else ""
         node = data
-        parts = key.strip().split(".")
+        # A key that moved is set under its new name: --set wins over the recipe file.
+        parts = moved_key(key.strip()).split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -492,7 +501,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
     data = load_recipe_data(path) if path is not None else copy.deepcopy(base or {})
     source = source or (str(path) if path is not None else "recipe")
     if overrides:
-        data = apply_overrides(data, list(overrides))
+        # Moved keys of the file first, then --set (under the new names): --set wins.
+        data = apply_overrides(_migrate(data, source), list(overrides))
     return recipe_from_dict(data, source)
 
 

@@ -19,6 +19,7 @@ holds exactly the heads its tasks need, and config.json lists them. The encoder 
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -124,10 +125,17 @@ def build_head(spec: HeadSpec, bc: Any) -> nn.Module:
     raise ValueError(f"unknown head kind {spec.kind!r}")
 
 
+def head_seed(seed: int, name: str) -> int:
+    """The seed a fresh head of this name starts from under a recipe seed."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
 class VLPModel(nn.Module):
     """Single-stream vision-language encoder with the heads its tasks declare."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int | None = None):
+        """Build the model; with `seed`, each head starts from its own generator seeded by
+        (seed, head name), so its initial weights do not depend on the other heads."""
         super().__init__()
         from transformers import BertConfig, BertModel
 
@@ -142,8 +150,18 @@ class VLPModel(nn.Module):
         self.heads = nn.ModuleDict()
         self.img_embed.apply(self._init_weights)
         for spec in config.head_specs():
-            self.heads[spec.name] = build_head(spec, bc)
-            self.heads[spec.name].apply(self._init_weights)
+            self.heads[spec.name] = self._fresh_head(spec, seed)
+
+    def _fresh_head(self, spec: HeadSpec, seed: int | None) -> nn.Module:
+        if seed is None:
+            head = build_head(spec, self.bert_config)
+            head.apply(self._init_weights)
+            return head
+        with torch.random.fork_rng(devices=[]):  # the global generator is left as it was
+            torch.manual_seed(head_seed(seed, spec.name))
+            head = build_head(spec, self.bert_config)
+            head.apply(self._init_weights)
+        return head
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -196,18 +214,19 @@ class VLPModel(nn.Module):
         """A classifier head on the pooled [CLS]: [B, size]."""
         return self.heads[head](self.pooled(hidden))
 
-    def with_heads(self, specs: list[HeadSpec], keep: bool = True) -> VLPModel:
+    def with_heads(self, specs: list[HeadSpec], keep: bool = True,
+                   seed: int | None = None) -> VLPModel:
         """Keep exactly these heads: those already here with the same spec keep their weights
-        (unless `keep` is False), the others start fresh. The config is replaced, never changed
-        in place (a checkpoint's config may be shared)."""
+        (unless `keep` is False), the others start fresh (from (seed, name) when `seed` is
+        given). The config is replaced, never changed in place (a checkpoint's config may be
+        shared)."""
         have = {s.name: s for s in self.config.head_specs()}
         heads = nn.ModuleDict()
         for spec in specs:
             if keep and have.get(spec.name) == spec:
                 heads[spec.name] = self.heads[spec.name]
             else:
-                heads[spec.name] = build_head(spec, self.bert_config)
-                heads[spec.name].apply(self._init_weights)
+                heads[spec.name] = self._fresh_head(spec, seed)
         self.heads = heads
         self.config = replace(self.config, heads=[s.to_dict() for s in specs])
         return self
@@ -217,7 +236,7 @@ class VLPModel(nn.Module):
     @classmethod
     def from_text_encoder(cls, name: str, img_feat_dim: int, heads: list[HeadSpec], *,
                           pos_dim: int = 7, img_dropout: float = 0.1,
-                          vocab_size: int | None = None) -> VLPModel:
+                          vocab_size: int | None = None, seed: int | None = None) -> VLPModel:
         """Start from a Hugging Face BERT checkpoint (a directory or hub id).
 
         `random:tiny` builds a tiny random BERT instead (tests); it needs `vocab_size`.
@@ -230,7 +249,7 @@ class VLPModel(nn.Module):
                 raise ValueError("random:tiny needs vocab_size")
             return cls(ModelConfig(bert=tiny_bert(vocab_size), img_feat_dim=img_feat_dim,
                                    pos_dim=pos_dim, img_dropout=img_dropout, heads=specs,
-                                   fresh_weights=["all"]))
+                                   fresh_weights=["all"]), seed)
 
         from transformers import BertForPreTraining
 
@@ -241,7 +260,7 @@ class VLPModel(nn.Module):
         for k in ("architectures", "_name_or_path", "transformers_version", "torch_dtype",
                   "dtype", "id2label", "label2id"):
             cfg.bert.pop(k, None)
-        model = cls(cfg)
+        model = cls(cfg, seed)
         model.bert.load_state_dict(pt.bert.state_dict())
         fresh = ["img_embed"]
         for spec in heads:

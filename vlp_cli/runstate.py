@@ -365,9 +365,9 @@ def identity_differences(saved: dict, now: dict) -> list[str]:
 
 
 def run_name(identity: dict) -> str:
-    """'a pre-training run', 'a fine-tuning run for TASK' (for messages)."""
+    """'a pre-training run (OBJECTIVES)', 'a fine-tuning run for TASK' (for messages)."""
     if identity.get("stage") == "pretrain":
-        return "a pre-training run"
+        return f"a pre-training run ({identity.get('task')})"
     return f"a fine-tuning run for {identity.get('task')}"
 
 
@@ -387,6 +387,10 @@ def check_resumable(out: Path, identity: dict, auto: bool = False) -> SavedState
         raise VlpError(f"--resume: {out} holds no saved training state; run without --resume "
                        "(or with --auto-resume, which starts when there is none)")
     saved = state.trainer.get("identity", {})
+    if saved.get("layout") != identity.get("layout"):
+        raise VlpError(f"--resume: {out} was started by vlp 0.2 or older, whose training state "
+                       "(head and recipe names) this vlp cannot continue: finish it with that "
+                       "version, or start again into a new --out")
     if (saved.get("stage"), saved.get("task")) != (identity.get("stage"), identity.get("task")):
         raise VlpError(f"--resume: {out} holds {run_name(saved)}, not {run_name(identity)}: "
                        "nothing was changed; choose another --out")

@@ -362,8 +362,10 @@ def train(
                                            "lr": scheduler.get_last_lr()[0], **last,
                                            "nonfinite_skipped": nonfinite["total"],
                                            "elapsed_s": round(time.time() - start, 1)})
-                    if "loss" in last:
-                        bar.update(bar_task, description=f"{description} loss {last['loss']:.3f}")
+                    shown = [k for k in last if k == "loss" or k.endswith("/loss")]
+                    if shown:
+                        bar.update(bar_task, description=f"{description} " + " ".join(
+                            f"{k} {last[k]:.3f}" for k in shown))
             if any(ev is not None for ev in eval_loaders) and (
                     (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
                 held = {}

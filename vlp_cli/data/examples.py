@@ -90,7 +90,7 @@ class ExampleBuilder:
         has_image = c.image_region and r.image_feature is not None
         r = r.take(max(c.max_regions - int(has_image), 0))
         feats, boxes = r.features, r.boxes
-        if r.positions is not None:  # computed at extraction (stores since 0.2.1)
+        if r.positions is not None:  # computed at extraction (stores since 0.3)
             pos = r.positions if self.pos_dim == 7 else r.positions[:, :self.pos_dim]
         else:
             pos = position_features(boxes, r.width, r.height, c.pos_kind)

@@ -156,7 +156,9 @@ def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],
             sec["train"] = {k: v for k, v in sec["train"].items()
                             if k not in RESUMABLE_TRAIN_KEYS}
         parts[section] = sec
-    ident = {"stage": stage, "task": task, "seed": recipe.seed,
+    # "layout" 2: task modules (vlp 0.3); states of older runs hold other head and recipe
+    # names, which this vlp cannot continue.
+    ident = {"stage": stage, "task": task, "seed": recipe.seed, "layout": 2,
              "recipe": {**parts, "data": d["data"], "model": d["model"]}, "inputs": inputs}
     return json.loads(json.dumps(ident))  # as it reads back from JSON: lists, not tuples
 

@@ -49,7 +49,8 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     task = task.bind(recipe, task.prepare(ctx))
     # A head the source checkpoint already has for this task is kept when the task's state
     # (an answer vocabulary...) is the same; otherwise it starts fresh.
-    model.with_heads(task.heads(ctx), keep=task.state_from_meta(src_meta) == task.state)
+    model.with_heads(task.heads(ctx), keep=task.state_from_meta(src_meta) == task.state,
+                     seed=recipe.seed)
     freeze_unused(model, [task])
     seed = recipe.seed
     cfg = task.train_cfg(recipe)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vlp_cli import VlpError
 from vlp_cli.checkpoint import load_tokenizer, quiet_transformers, save_checkpoint
 from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import Collator
@@ -57,12 +58,19 @@ def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = 
     builder = ExampleBuilder(tok, store, recipe.data)
     ctx = Context(recipe, c, builder, tok)
     objectives = [t.bind(recipe, t.prepare(ctx)) for t in objectives]
-    heads = []
+    heads: list = []
     for t in objectives:
-        heads += [h for h in t.heads(ctx) if all(h.name != g.name for g in heads)]
+        for h in t.heads(ctx):
+            same = [g for g in heads if g.name == h.name]
+            if same and same[0] != h:
+                raise VlpError(f"pretrain.tasks: {t.name} declares head '{h.name}' as {h}, "
+                               f"another objective as {same[0]}: they cannot share it")
+            if not same:
+                heads.append(h)
     model = VLPModel.from_text_encoder(
         resolve_text_encoder(recipe.model.init), store.feature_dim, heads,
-        pos_dim=builder.pos_dim, img_dropout=recipe.model.img_dropout, vocab_size=len(tok))
+        pos_dim=builder.pos_dim, img_dropout=recipe.model.img_dropout, vocab_size=len(tok),
+        seed=recipe.seed)
     freeze_unused(model, objectives)
     work = [TrainTask(t.name, t.dataset(ctx, "train", recipe.seed), Collator(builder.pad_id,
                       t.collate), t.step, cfg.tasks[t.name],

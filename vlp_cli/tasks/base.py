@@ -161,28 +161,33 @@ def longs(items: list[dict], key: str) -> torch.Tensor:
 
 def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit: int | None,
                    accelerator: Any) -> dict:
-    """Evaluation by the training step's own statistics (pre-training objectives)."""
+    """Evaluation by the training step's own statistics (pre-training objectives): each
+    process sums its share of the examples (every example once), then the sums are added."""
     import torch
+    from accelerate.utils import send_to_device
     from torch.utils.data import DataLoader
 
+    from vlp_cli import VlpError
     from vlp_cli.data.datasets import Collator
 
     ds = task.dataset(ctx, split, ctx.recipe.seed + 1)
     if limit is not None:
         ds.indices = ds.indices[:limit]
-    loader = accelerator.prepare(DataLoader(ds, batch_size=32, collate_fn=Collator(
-        ctx.builder.pad_id, task.collate)))
+    if len(ds) == 0:
+        raise VlpError(f"corpus {ctx.corpus.path} has no '{split}' examples for {task.name}")
+    ds.indices = ds.indices[accelerator.process_index::accelerator.num_processes]
+    loader = DataLoader(ds, batch_size=32, collate_fn=Collator(ctx.builder.pad_id, task.collate))
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in loader:
-            _, stats = task.step(model, batch)
+            _, stats = task.step(model, send_to_device(batch, accelerator.device))
             for k, (s, n) in stats.items():
                 sums[k] = sums.get(k, torch.zeros(2, device=s.device)) + torch.stack(
                     [s.reshape(()), n.reshape(()).to(s.device)])
-    keys = sorted(sums)
-    if not keys:
-        return {}
-    packed = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+    keys = sorted(task.metrics if not sums else sums)
+    packed = torch.stack([sums.get(k, torch.zeros(2, device=accelerator.device))
+                          for k in keys]).to(accelerator.device)
+    packed = accelerator.reduce(packed, reduction="sum")
     return {k: float(s / n) if n > 0 else float("nan") for k, (s, n) in zip(keys, packed.tolist())}
 
 

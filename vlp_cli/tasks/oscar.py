@@ -112,7 +112,8 @@ class Oscar(Task):
 
     def check_checkpoint(self, meta: dict) -> str | None:
         # Any checkpoint trained with this objective (pre-trained, or mixed) can be scored.
-        if self.name not in meta.get("tasks", {}):
+        legacy = "tasks" not in meta and meta.get("task") == "pretrain"  # vlp <= 0.2
+        if self.name not in meta.get("tasks", {}) and not legacy:
             return (f"a '{meta.get('task')}' checkpoint, not trained with the '{self.name}' "
                     "objective (its heads are not in it)")
         return None

@@ -351,8 +351,15 @@ class Vqa(Task):
         if len(idx) == 0:
             raise VlpError(f"corpus {c.path} has no questions (kind '{KIND}') in train or val: "
                            "build it from questions")
-        answers = build_answer_vocab((c.get(int(i))["label"] for i in idx),
-                                     max_size=self.recipe.vqa.max_answers)
+        stored = c.meta.get("answers")
+        if c.schema < 3 and stored:
+            # A corpus of vlp <= 0.2 carries the vocabulary its build chose: keep it.
+            logger.info("%s: using the %d-answer vocabulary stored by vlp 0.2", c.path,
+                        len(stored))
+            answers = list(stored)
+        else:
+            answers = build_answer_vocab((c.get(int(i))["label"] for i in idx),
+                                         max_size=self.recipe.vqa.max_answers)
         warn_unscorable(c, answers, "test")
         return {"answers": answers}
 
