@@ -124,20 +124,45 @@ def test_a_mixed_run_draws_one_task_per_step_by_ratio(world: dict, tmp_path: Pat
     cfg = TrainCfg(steps=12, batch_size=2, warmup_steps=1, eval_every=0, save_every=0,
                    save_minutes=0, log_every=1)
 
-    def run(out: Path) -> list[dict]:
+    def run(out: Path, c: TrainCfg = cfg, resume: object = None) -> tuple[list[dict], dict]:
         torch.manual_seed(0)
         model = VLPModel.from_text_encoder("random:tiny", 16, heads,
                                            vocab_size=len(world["tok"]))
         work = [TrainTask(t.name, t.dataset(ctx, "train", 0), Collator(ctx.builder.pad_id,
                           t.collate), t.step, ratio) for t, ratio in zip(tasks, (3.0, 1.0))]
-        train(model, work, cfg, out, seed=7, identity={"stage": "test"}, cfg_key="x.train")
-        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        train(model, work, c, out, seed=7, identity={"stage": "test"}, cfg_key="x.train",
+              resume_from=resume)
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    rows = run(tmp_path / "a")
+    rows, weights = run(tmp_path / "a")
     ran = ["oscar" if "oscar/loss" in r else "retrieval" for r in rows if r["split"] == "train"]
     assert len(ran) == 12 and set(ran) == {"oscar", "retrieval"}
     assert ran.count("oscar") > ran.count("retrieval")  # 3:1
     assert all("loss" not in r for r in rows)  # prefixed: oscar/loss, retrieval/loss
-    again = run(tmp_path / "b")
+    again, _ = run(tmp_path / "b")
     assert ran == ["oscar" if "oscar/loss" in r else "retrieval" for r in again
                    if r["split"] == "train"]
+
+    # Exact resume of a mixed run: saved at step 6, continued to 12, equal to the run above
+    # (each task's position in its own data is part of the state; the draw needs none).
+    import dataclasses
+    import shutil
+
+    from vlp_cli import runstate
+
+    half = tmp_path / "half"
+    run(half, dataclasses.replace(cfg, save_every=6, keep_states=5))
+    for step, path in runstate.complete_states(half):
+        if step > 6:
+            shutil.rmtree(path)  # as if killed after the save at step 6
+    state = runstate.check_resumable(half, {"stage": "test"})
+    assert state is not None and state.trainer["step"] == 6
+    assert [t for t in state.trainer["tasks"]] == ["oscar", "retrieval"]
+    rows2, weights2 = run(half, cfg, state)
+    assert [r for r in rows2 if r["split"] == "train"] == [
+        {k: v for k, v in r.items() if k != "elapsed_s"} | {"elapsed_s": r2["elapsed_s"]}
+        for r, r2 in zip([r for r in rows if r["split"] == "train"],
+                         [r for r in rows2 if r["split"] == "train"])]
+    for k in weights:
+        assert torch.equal(weights[k], weights2[k]), k
