@@ -272,3 +272,25 @@ def test_inspect_and_verify_a_training_state(tiny_data: dict, tmp_path: Path) ->
     (state / "trainer.json").write_text("{}")
     res = CliRunner().invoke(app, ["verify", str(state)])
     assert res.exit_code == 1 and "trainer.json is damaged" in res.output
+
+
+def test_a_run_started_by_vlp_0_2_is_refused_on_resume(
+        tiny_data: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """States of 0.2 runs (no "layout" in their identity) hold other head and recipe names."""
+    from vlp_cli.stages import pretrain
+
+    real = pretrain.run_identity
+
+    def old_identity(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        ident = real(*a, **k)
+        ident.pop("layout")
+        return ident
+
+    out = tmp_path / "old"
+    with monkeypatch.context() as m:
+        m.setattr(pretrain, "run_identity", old_identity)
+        _pretrain(tiny_data, out, ["pretrain.train.steps=1"])
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(VlpError, match="started by vlp 0.2 or older"):
+        _pretrain(tiny_data, out, ["pretrain.train.steps=2"], resume=True)
+    assert (out / "model.safetensors").read_bytes() == before  # nothing written

@@ -212,5 +212,7 @@ def sharded_map(accelerator: Any, dataset: Any, collate: Callable, fn: Callable,
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def subset(indices: np.ndarray, limit: int | None) -> np.ndarray:
-    return indices if limit is None else indices[:limit]
+def split_indices(corpus: Corpus, kind: str, split: str) -> np.ndarray:
+    """The examples of a kind in a split: training needs some (one line if none), a held-out
+    split may be empty."""
+    return corpus.require(kind, split) if split == "train" else corpus.indices(kind, split)

@@ -14,7 +14,7 @@ from vlp_cli.config import CaptioningCfg
 from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset, mask_tokens
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.tasks.base import (Context, Stats, Task, encode, masked_tokens, pad_labels,
-                                sharded_map)
+                                sharded_map, split_indices)
 
 if TYPE_CHECKING:
     import torch
@@ -144,8 +144,7 @@ class Captioning(Task):
         return self.recipe.data.max_text_len + self.recipe.captioning.max_caption_len
 
     def dataset(self, ctx: Context, split: str, seed: int) -> CaptionDataset:
-        idx = ctx.corpus.require(KIND, split) if split == "train" else \
-            ctx.corpus.indices(KIND, split)
+        idx = split_indices(ctx.corpus, KIND, split)
         return CaptionDataset(ctx.corpus, ctx.builder, idx, self.recipe.captioning,
                               self.max_text_len(), seed)
 

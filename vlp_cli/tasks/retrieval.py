@@ -14,7 +14,7 @@ import numpy as np
 from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.tasks.base import (Context, Stats, Task, count_stat, encode, longs, mean_stat,
-                                sharded_map)
+                                sharded_map, split_indices)
 
 if TYPE_CHECKING:
     import torch
@@ -125,8 +125,7 @@ class Retrieval(Task):
         return [("match_head", HeadSpec(self.name, "linear", 2))]
 
     def dataset(self, ctx: Context, split: str, seed: int) -> RetrievalTrainDataset:
-        idx = ctx.corpus.require(KIND, split) if split == "train" else \
-            ctx.corpus.indices(KIND, split)
+        idx = split_indices(ctx.corpus, KIND, split)
         return RetrievalTrainDataset(ctx.corpus, ctx.builder, idx, self.recipe.data.max_text_len,
                                      seed, self.recipe.retrieval.shared_tag_negatives)
 

@@ -23,7 +23,8 @@ import numpy as np
 from vlp_cli import VlpError
 from vlp_cli.data.examples import ExampleBuilder, TaskDataset
 from vlp_cli.stores.corpus import Corpus
-from vlp_cli.tasks.base import Context, Stats, Task, encode, longs, mean_stat, sharded_map
+from vlp_cli.tasks.base import (Context, Stats, Task, encode, longs, mean_stat, sharded_map,
+                                split_indices)
 
 if TYPE_CHECKING:
     import torch
@@ -382,8 +383,7 @@ class Vqa(Task):
             if n > 0 else []
 
     def dataset(self, ctx: Context, split: str, seed: int) -> VqaDataset:
-        idx = ctx.corpus.require(KIND, split) if split == "train" else \
-            ctx.corpus.indices(KIND, split)
+        idx = split_indices(ctx.corpus, KIND, split)
         return VqaDataset(ctx.corpus, ctx.builder, idx, self.recipe.vqa.max_text_len,
                           self.state["answers"], seed)
 
