@@ -41,7 +41,7 @@ def test_shapes_and_heads() -> None:
     assert h.shape == (2, 9, 32) and torch.isfinite(h).all()
     where = torch.zeros(2, 6, dtype=torch.bool)
     where[0, 1] = where[1, 2] = True
-    assert m.mlm_logits(h[:, :6], where).shape == (2, VOCAB)
+    assert m.mlm_logits(h[:, :6], where, "mlm").shape == (2, VOCAB)
     assert m.cls_logits("contrast", h).shape == (2, 3)
     assert m.cls_logits("match", h).shape == (2, 2)
     assert m.cls_logits("answers", h).shape == (2, 5)
@@ -121,7 +121,7 @@ def test_mlm_decoder_is_tied_to_word_embeddings() -> None:
     h = m(**x)
     where = torch.zeros(2, 6, dtype=torch.bool)
     where[0, 0] = True
-    m.mlm_logits(h[:, :6], where).sum().backward()
+    m.mlm_logits(h[:, :6], where, "mlm").sum().backward()
     assert m.bert.embeddings.word_embeddings.weight.grad is not None
     names = {n for n, _ in m.named_parameters()}
     assert not any("decoder" in n for n in names)

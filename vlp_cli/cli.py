@@ -305,17 +305,26 @@ def export_features(
 def pretrain(
     recipe: Annotated[Path, typer.Argument(help=f"Recipe YAML, or a built-in name ({BUILTINS})"
                                                  "; recipes/NAME.yaml finds the built-in too.")],
-    corpus: Corpus, features: Features, out: Out, resume: Resume = False,
+    out: Out,
+    corpus: Annotated[list[Path] | None, typer.Option(
+        "--corpus", "-c", help="Corpus directory (from `vlp build-corpus`); several: give "
+        "--corpus and --features once per corpus, in the same order")] = None,
+    features: Annotated[list[Path] | None, typer.Option(
+        "--features", "-f", help="The feature store each --corpus was built on")] = None,
+    resume: Resume = False,
     auto_resume: AutoResume = False, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
-    """Corpus + features -> a pre-trained checkpoint (Oscar: masked tokens + polluted tags).
+    """Corpus + features -> a pre-trained checkpoint (Oscar's and UNITER's objectives, mixed).
 
     Runs under `accelerate launch` for several processes or GPUs. Built-in recipes: `tiny`
-    (the demo, minutes on a CPU) and `oscar-base` (the paper's settings, many GPUs).
+    (the demo, minutes on a CPU) and the papers' settings (`oscar-base`, `uniter-base`, ...).
+    Several corpora (each with its own feature store) are mixed by `pretrain.corpora` ratios.
 
     Examples:
 
         vlp pretrain tiny -c corpus/ -f feats/ -o ckpt/
+
+        vlp pretrain tiny -c coco/ -f coco-feats/ -c scenes/ -f scene-feats/ -o ckpt/
 
         accelerate launch -m vlp_cli pretrain recipes/oscar-base.yaml -c corpus/ -f feats/ -o ckpt/
     """

@@ -190,6 +190,14 @@ class ModelCfg:
 
     init: str = "embedded:minilm"  # HF BERT checkpoint dir or hub id; "random:tiny" for tests
     img_dropout: float = prob(0.1)
+    # How regions enter the encoder. "uniter": LN(Linear(features)) + LN(Linear(7 position
+    # numbers)) + type embedding, then LN. "oscar": one Linear over the features concatenated
+    # with 6 position numbers, then LN (VinVL's use_img_layernorm), no type embedding; needs
+    # data.pos_kind oscar6. Released Oscar / UNITER weights load into their own embedder.
+    image_embedder: Literal["uniter", "oscar"] = "uniter"
+    # Recompute each layer's activations in the backward pass instead of keeping them: about a
+    # third more compute for much less memory (base-size recipes on one consumer GPU).
+    gradient_checkpointing: bool = False
 
 
 @dataclass
@@ -202,6 +210,14 @@ class PretrainCfg:
 
     train: TrainCfg = field(default_factory=TrainCfg)
     tasks: dict[str, float] = field(default_factory=lambda: {"oscar": 1.0})
+    # UNITER's masked objectives (mlm, mrfr, mrc, mrckl) mask one modality at a time and keep
+    # the other whole ("conditional", the paper's choice); "joint" masks words and regions in
+    # the same example (the ablation of UNITER Table 2, L12).
+    masking: Literal["conditional", "joint"] = "conditional"
+    # Several corpora, each built by `vlp build-corpus` on its own feature store, sampled by
+    # ratio (both papers pre-train on a union). Empty: the --corpus / --features of the
+    # command line (which may also be given several times; ratios then default to 1 each).
+    corpora: list[CorpusSourceCfg] = field(default_factory=list)
 
     def problems(self, k: Key) -> Iterator[str]:
         if not self.tasks:
@@ -209,6 +225,63 @@ class PretrainCfg:
         for name, ratio in self.tasks.items():
             if not ratio > 0:
                 yield f"'{k('tasks')}.{name}' must be > 0 (a mix ratio), got {ratio!r}"
+
+
+@dataclass
+class CorpusSourceCfg:
+    """One corpus of a pre-training union."""
+
+    corpus: str = ""  # a corpus directory (vlp build-corpus)
+    features: str = ""  # the feature store it was built on
+    ratio: float = num(1.0, gt=0, why="a sampling ratio")
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if not self.corpus or not self.features:
+            yield f"'{k('corpus')}' and '{k('features')}' are both needed (directories)"
+
+
+@dataclass
+class MaskedObjectiveCfg:
+    """What UNITER's masked objectives share: the texts read, the masking rate, and whether
+    Oscar's object tags join the text (UNITER's inputs have none)."""
+
+    text: list[str] = field(default_factory=lambda: ["caption"])  # corpus kinds used as text
+    mask_prob: float = prob(0.15)  # of the words (mlm) or of the regions (mrfr, mrc, mrckl)
+    tags: bool = False
+
+
+@dataclass
+class MlmCfg(MaskedObjectiveCfg):
+    """UNITER's masked language modelling: 15% of the word pieces, 80/10/10, regions whole."""
+
+
+@dataclass
+class MrfrCfg(MaskedObjectiveCfg):
+    """Masked region feature regression: L2 to the masked regions' input features, through a
+    layer tied to the image embedding."""
+
+
+@dataclass
+class MrcCfg(MaskedObjectiveCfg):
+    """Masked region classification: cross-entropy to the detector's top class."""
+
+
+@dataclass
+class MrcklCfg(MaskedObjectiveCfg):
+    """Masked region classification with KL divergence to the detector's class distribution."""
+
+
+@dataclass
+class ItmCfg:
+    """Image-text matching (2-way on [CLS]; negatives by swapping the image) with word-region
+    alignment by optimal transport (WRA) computed in the same step."""
+
+    text: list[str] = field(default_factory=lambda: ["caption"])
+    neg_prob: float = prob(0.5)  # UNITER: half the pairs get another image
+    tags: bool = False
+    wra_weight: float = num(0.1, ge=0, why="0: no WRA")  # UNITER's itm_ot_lambda
+    ot_beta: float = num(0.5, gt=0)  # IPOT's proximal step (UNITER appendix Algorithm 1)
+    ot_iters: int = num(50, ge=1)
 
 
 @dataclass
@@ -274,6 +347,11 @@ class Recipe:
     model: ModelCfg = field(default_factory=ModelCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     oscar: OscarCfg = field(default_factory=OscarCfg)
+    mlm: MlmCfg = field(default_factory=MlmCfg)
+    mrfr: MrfrCfg = field(default_factory=MrfrCfg)
+    mrc: MrcCfg = field(default_factory=MrcCfg)
+    mrckl: MrcklCfg = field(default_factory=MrcklCfg)
+    itm: ItmCfg = field(default_factory=ItmCfg)
     vqa: VqaCfg = field(default_factory=VqaCfg)
     retrieval: RetrievalCfg = field(default_factory=RetrievalCfg)
     captioning: CaptioningCfg = field(default_factory=CaptioningCfg)

@@ -5,8 +5,10 @@ Input sequence (Oscar's word-tag-region triple):
     [CLS] w_1 .. w_n [SEP] q_1 .. q_m [SEP] | v_1 .. v_R
     type 0 ......... type 1 ............... | image embedding (type 1 added, UNITER's way)
 
-Text goes through BERT's own embeddings. Each region is embedded in UNITER's form:
-LN(Linear(feature)) + LN(Linear(position)) + type embedding, then LN and dropout. The joint
+Text goes through BERT's own embeddings. Each region is embedded in UNITER's form,
+LN(Linear(feature)) + LN(Linear(position)) + type embedding, then LN and dropout; or in Oscar's,
+LN(Linear([feature, 6 position numbers])) and dropout, without a type embedding
+(`image_embedder`), so that either family's released weights have a place to load into. The joint
 sequence runs through BERT's encoder with an explicit [B, L, L] attention mask, so captioning
 can make caption tokens causal while tags and regions stay bidirectional (Oscar's seq2seq mask).
 
@@ -34,14 +36,17 @@ class HeadSpec:
     """One head, as a task declares it.
 
     kind: "masked_tokens" (BERT's MLM head over the joint sequence, decoder tied to the word
-        embeddings), "linear" (Linear(H, size) on the pooled [CLS]) or "mlp" (UNITER's
-        classifier: Linear(H, 2H), GELU, LayerNorm, Linear(2H, size)).
+        embeddings), "linear" (Linear(H, size) on the pooled [CLS]), "mlp" (UNITER's
+        classifier: Linear(H, 2H), GELU, LayerNorm, Linear(2H, size)); on region states,
+        "regions" (UNITER's region classifier: Linear(H, H), GELU, LayerNorm, Linear(H, size))
+        or "features" (UNITER's feature regression: Linear(H, H), GELU, LayerNorm, then the
+        image embedding's feature Linear transposed (tied) plus a bias of `size` features).
     init: where a pre-trained text encoder may fill it from: "bert_mlm" (BERT's MLM head) or
         "bert_nsp" (BERT's next-sentence head, a 2-way classifier); "" = fresh.
     """
 
     name: str
-    kind: Literal["masked_tokens", "linear", "mlp"]
+    kind: Literal["masked_tokens", "linear", "mlp", "regions", "features"]
     size: int = 0
     init: str = ""
 
@@ -58,6 +63,7 @@ class ModelConfig:
     pos_dim: int = 7  # 7 = UNITER's position (box, w, h, area); 6 = Oscar's
     img_dropout: float = 0.1
     heads: list[dict[str, Any]] = field(default_factory=list)  # HeadSpec dicts, in order
+    image_embedder: str = "uniter"  # "uniter" or "oscar" (see the module docstring)
     fresh_weights: list[str] = field(default_factory=list)  # parts not loaded from `init`
     schema: int = 2  # 2: heads listed; 1 (vlp <= 0.2): fixed head attributes
 
@@ -93,9 +99,33 @@ class ImageEmbeddings(nn.Module):
         x = self.feat_norm(self.feat_linear(feats)) + self.pos_norm(self.pos_linear(pos))
         return self.dropout(self.norm(x + type_emb))
 
+    def feature_weight(self) -> torch.Tensor:
+        return self.feat_linear.weight  # [H, F]
+
+
+class OscarImageEmbeddings(nn.Module):
+    """Oscar's region embedding: one Linear over [features, 6 position numbers], LayerNorm
+    (VinVL's `use_img_layernorm`), dropout; regions get no type embedding."""
+
+    def __init__(self, feat_dim: int, pos_dim: int, hidden: int, dropout: float, eps: float):
+        super().__init__()
+        self.feat_dim = feat_dim
+        self.linear = nn.Linear(feat_dim + pos_dim, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, feats: torch.Tensor, pos: torch.Tensor,
+                type_emb: torch.Tensor) -> torch.Tensor:
+        # feats [B, R, F], pos [B, R, P] -> [B, R, H]; type_emb unused (Oscar has none)
+        return self.dropout(self.norm(self.linear(torch.cat([feats, pos], -1))))
+
+    def feature_weight(self) -> torch.Tensor:
+        return self.linear.weight[:, : self.feat_dim]  # [H, F]
+
 
 class MaskedTokenHead(nn.Module):
-    """BERT's MLM head; the decoder weight is the word-embedding matrix (tied)."""
+    """BERT's MLM head; the decoder weight is the word-embedding matrix (tied). With the image
+    embedding's feature Linear in its place it is UNITER's feature regression (MRFR)."""
 
     def __init__(self, hidden: int, vocab: int, act: str, eps: float):
         super().__init__()
@@ -122,6 +152,11 @@ def build_head(spec: HeadSpec, bc: Any) -> nn.Module:
     if spec.kind == "mlp":
         return nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(),
                              nn.LayerNorm(2 * h, eps=bc.layer_norm_eps), nn.Linear(2 * h, spec.size))
+    if spec.kind == "regions":
+        return nn.Sequential(nn.Linear(h, h), nn.GELU(),
+                             nn.LayerNorm(h, eps=bc.layer_norm_eps), nn.Linear(h, spec.size))
+    if spec.kind == "features":  # UNITER's MRFR head uses GELU whatever BERT's activation
+        return MaskedTokenHead(h, spec.size, "gelu", bc.layer_norm_eps)
     raise ValueError(f"unknown head kind {spec.kind!r}")
 
 
@@ -144,8 +179,10 @@ class VLPModel(nn.Module):
         self.bert_config = bc
         h = bc.hidden_size
         self.bert = BertModel(bc, add_pooling_layer=True)
-        self.img_embed = ImageEmbeddings(config.img_feat_dim, config.pos_dim, h,
-                                         config.img_dropout, bc.layer_norm_eps)
+        embedder = {"uniter": ImageEmbeddings, "oscar": OscarImageEmbeddings}[
+            config.image_embedder]
+        self.img_embed = embedder(config.img_feat_dim, config.pos_dim, h, config.img_dropout,
+                                  bc.layer_norm_eps)
         self.dropout = nn.Dropout(bc.hidden_dropout_prob)
         self.heads = nn.ModuleDict()
         self.img_embed.apply(self._init_weights)
@@ -206,9 +243,18 @@ class VLPModel(nn.Module):
     # -- heads ---------------------------------------------------------------------------------
 
     def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor,
-                   head: str = "mlm") -> torch.Tensor:
+                   head: str) -> torch.Tensor:
         """Vocabulary logits at the masked positions only ([B, L] bool) -> [M, V]."""
         return self.heads[head](hidden[positions], self.bert.embeddings.word_embeddings.weight)
+
+    def region_outputs(self, head: str, hidden: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+        """A region head at the chosen regions only ([B, R] bool) -> [M, size]. A "features"
+        head decodes through the image embedding's feature Linear (tied, as UNITER's MRFR)."""
+        regions = hidden[:, hidden.shape[1] - positions.shape[1]:][positions]  # [M, H]
+        if isinstance(self.heads[head], MaskedTokenHead):
+            return self.heads[head](regions, self.img_embed.feature_weight().t())
+        return self.heads[head](regions)
 
     def cls_logits(self, head: str, hidden: torch.Tensor) -> torch.Tensor:
         """A classifier head on the pooled [CLS]: [B, size]."""
@@ -236,7 +282,8 @@ class VLPModel(nn.Module):
     @classmethod
     def from_text_encoder(cls, name: str, img_feat_dim: int, heads: list[HeadSpec], *,
                           pos_dim: int = 7, img_dropout: float = 0.1,
-                          vocab_size: int | None = None, seed: int | None = None) -> VLPModel:
+                          vocab_size: int | None = None, seed: int | None = None,
+                          image_embedder: str = "uniter") -> VLPModel:
         """Start from a Hugging Face BERT checkpoint (a directory or hub id).
 
         `random:tiny` builds a tiny random BERT instead (tests); it needs `vocab_size`.
@@ -249,14 +296,14 @@ class VLPModel(nn.Module):
                 raise ValueError("random:tiny needs vocab_size")
             return cls(ModelConfig(bert=tiny_bert(vocab_size), img_feat_dim=img_feat_dim,
                                    pos_dim=pos_dim, img_dropout=img_dropout, heads=specs,
-                                   fresh_weights=["all"]), seed)
+                                   image_embedder=image_embedder, fresh_weights=["all"]), seed)
 
         from transformers import BertForPreTraining
 
         pt, info = BertForPreTraining.from_pretrained(name, output_loading_info=True)
         missing = set(info.get("missing_keys", []))
         cfg = ModelConfig(bert=pt.config.to_dict(), img_feat_dim=img_feat_dim, pos_dim=pos_dim,
-                          img_dropout=img_dropout, heads=specs)
+                          img_dropout=img_dropout, heads=specs, image_embedder=image_embedder)
         for k in ("architectures", "_name_or_path", "transformers_version", "torch_dtype",
                   "dtype", "id2label", "label2id"):
             cfg.bert.pop(k, None)

@@ -30,6 +30,9 @@ class ImageInput:
     feats: np.ndarray  # [R, F] float16
     pos: np.ndarray  # [R, P] float32
     tag_classes: list[int]  # class ids of the tagged boxes, in box order
+    classes: np.ndarray | None = None  # [R] the store's class id per region (-1: none)
+    probs: np.ndarray | None = None  # [R, C] the detector's class distribution, when read
+    whole_image: bool = False  # the first region is the whole image (no box, no class)
 
 
 @dataclass
@@ -71,14 +74,15 @@ class ExampleBuilder:
                            for label in (labels if labels is not None else features.labels)]
         self.pos_dim = 7 if cfg.pos_kind == "uniter7" else 6
 
-    def regions(self, key: str) -> ImageInput:
+    def regions(self, key: str, probs: bool = False) -> ImageInput:
+        """The regions of an image; `probs` also reads the class distributions (MRC-kl)."""
         c = self.cfg
         if self.features is None:
             raise ValueError("this builder has no feature store; use image_input()")
         try:
             # Views into the store: image_input and the collator copy what they use, once.
             r: Regions = self.features.get_selected(key, c.conf_th, c.min_boxes, c.max_boxes,
-                                                    copy=False, probs=False)
+                                                    copy=False, probs=probs)
         except KeyError:
             raise VlpError(f"image {key!r} is not in feature store {self.features.path}: "
                            "extract it, or pass the store the corpus was built on") from None
@@ -94,11 +98,16 @@ class ExampleBuilder:
             pos = r.positions if self.pos_dim == 7 else r.positions[:, :self.pos_dim]
         else:
             pos = position_features(boxes, r.width, r.height, c.pos_kind)
+        classes = np.asarray(r.class_ids, np.int64)
+        probs = r.class_probs
         if has_image:
             feats = np.concatenate([r.image_feature[None], feats], 0)
             pos = np.concatenate([_WHOLE_IMAGE[:, :self.pos_dim], pos], 0)
+            classes = np.concatenate([[-1], classes])
+            if probs is not None:
+                probs = np.concatenate([np.zeros((1, probs.shape[1]), probs.dtype), probs], 0)
         tags = [int(x) for x in r.class_ids if x >= 0] if c.use_tags else []
-        return ImageInput(feats, pos, tags)
+        return ImageInput(feats, pos, tags, classes, probs, has_image)
 
     def tag_classes(self, key: str) -> list[int]:
         """Only the tags of an image (for Oscar's polluted-tag negatives)."""

@@ -163,6 +163,13 @@ def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],
     return json.loads(json.dumps(ident))  # as it reads back from JSON: lists, not tuples
 
 
+def apply_model_options(model: Any, recipe: Recipe) -> None:
+    """What the recipe's model section asks of a model about to train."""
+    if recipe.model.gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen parameters and keeps dropout's RNG.
+        model.bert.gradient_checkpointing_enable({"use_reentrant": False})
+
+
 def freeze_unused(model: Any, tasks: list[Any]) -> None:
     """Freeze the pooler when no task reads the pooled [CLS] (captioning): every parameter
     left trainable then gets a gradient in every step, as DDP without unused-parameter search

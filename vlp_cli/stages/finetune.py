@@ -15,6 +15,7 @@ from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.stages.common import (
     corpus_meta,
     features_meta,
+    apply_model_options,
     freeze_unused,
     open_checkpoint_inputs,
     prepare_out,
@@ -51,6 +52,7 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     # (an answer vocabulary...) is the same; otherwise it starts fresh.
     model.with_heads(task.heads(ctx), keep=task.state_from_meta(src_meta) == task.state,
                      seed=recipe.seed)
+    apply_model_options(model, recipe)
     freeze_unused(model, [task])
     seed = recipe.seed
     cfg = task.train_cfg(recipe)

@@ -14,6 +14,7 @@ from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import Collator
 from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.stages.common import (
+    apply_model_options,
     check_tokenizer,
     corpus_meta,
     features_meta,
@@ -28,12 +29,37 @@ from vlp_cli.training import TrainTask, train
 logger = logging.getLogger(__name__)
 
 
-def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = False,
-        auto_resume: bool = False) -> Path:
-    """Pre-train with the recipe's objectives (Oscar's by default).
+def corpus_sources(recipe: Recipe, corpus: Path | list[Path] | None,
+                   features: Path | list[Path] | None) -> list[tuple[Path, Path, float]]:
+    """(corpus, features, ratio) of each corpus: the command line's (paired in order, ratio 1
+    each) or, without them, the recipe's `pretrain.corpora`."""
+    cs = [corpus] if isinstance(corpus, (str, Path)) else list(corpus or [])
+    fs = [features] if isinstance(features, (str, Path)) else list(features or [])
+    if cs or fs:
+        if len(cs) != len(fs):
+            raise VlpError(f"{len(cs)} --corpus and {len(fs)} --features given: give one "
+                           "--features (the store it was built on) per --corpus, in order")
+        return [(Path(c), Path(f), 1.0) for c, f in zip(cs, fs)]
+    if not recipe.pretrain.corpora:
+        raise VlpError("no corpus: pass --corpus DIR --features DIR, or list them in the "
+                       "recipe under pretrain.corpora")
+    return [(Path(e.corpus), Path(e.features), e.ratio) for e in recipe.pretrain.corpora]
 
-    `resume` continues the run saved in `out` (an error when there is none); `auto_resume`
-    continues it when there is one and starts otherwise (for schedulers that requeue a job).
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Short distinct names of the corpora (their folder names), for the mixed streams."""
+    names = [p.name or str(p) for p in paths]
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
+def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[Path] | None,
+        out: Path, resume: bool = False, auto_resume: bool = False) -> Path:
+    """Pre-train with the recipe's objectives (Oscar's by default) on one corpus or several.
+
+    Each optimiser step draws one (objective, corpus) pair, with probability proportional to
+    the objective's ratio times the corpus's. `resume` continues the run saved in `out` (an
+    error when there is none); `auto_resume` continues it when there is one and starts
+    otherwise (for schedulers that requeue a job).
     """
     from vlp_cli import tasks as registry
     from vlp_cli.assets import resolve_text_encoder
@@ -46,46 +72,65 @@ def run(recipe: Recipe, corpus: Path, features: Path, out: Path, resume: bool = 
     registry.check_mix(cfg.tasks)
     objectives = [registry.get(name, "pretrain").bind(recipe) for name in cfg.tasks]
     names = [t.name for t in objectives]
-    inputs = open_inputs(corpus, features)
-    c, store = inputs.corpus, inputs.features
+    sources = corpus_sources(recipe, corpus, features)
+    opened = [open_inputs(c, f) for c, f, _ in sources]
+    first = opened[0].features
+    for (c, f, _), inp in zip(sources[1:], opened[1:]):
+        if inp.features.extractor_fingerprint != first.extractor_fingerprint:
+            raise VlpError(f"features {f} were extracted in another feature space than "
+                           f"{sources[0][1]} (extractor {inp.features.extractor_fingerprint} "
+                           f"vs {first.extractor_fingerprint}): extract every corpus's images "
+                           "with the same recipe's extract section")
     random_init = recipe.model.init.startswith("random:")
     tok = load_tokenizer(recipe.corpus.tokenizer if random_init else recipe.model.init)
-    check_tokenizer(tok, c, f"model.init {recipe.model.init!r}")
+    for (c, _, _), inp in zip(sources, opened):
+        check_tokenizer(tok, inp.corpus, f"model.init {recipe.model.init!r}")
     identity = run_identity("pretrain", "+".join(names), recipe, ["pretrain", *names], {
-        "corpus": c.meta.get("fingerprint"), "features": store.fingerprint,
-        "init": recipe.model.init})
+        "corpus": "+".join(str(i.corpus.meta.get("fingerprint")) for i in opened),
+        "features": "+".join(i.features.fingerprint for i in opened),
+        "init": recipe.model.init,
+        **({"ratios": [r for _, _, r in sources]} if len(sources) > 1 else {})})
     state = prepare_out(out, resume, identity, auto_resume)
-    builder = ExampleBuilder(tok, store, recipe.data)
-    ctx = Context(recipe, c, builder, tok)
-    objectives = [t.bind(recipe, t.prepare(ctx)) for t in objectives]
+    # The region classes of the union, in order of first appearance (MRC's label space).
+    labels = list(dict.fromkeys(x for i in opened for x in i.features.labels))
+    ctxs = [Context(recipe, i.corpus, ExampleBuilder(tok, i.features, recipe.data), tok, labels)
+            for i in opened]
+    objectives = [t.bind(recipe, t.prepare(ctxs[0])) for t in objectives]
     heads: list = []
     for t in objectives:
-        for h in t.heads(ctx):
+        for h in t.heads(ctxs[0]):
             same = [g for g in heads if g.name == h.name]
             if same and same[0] != h:
                 raise VlpError(f"pretrain.tasks: {t.name} declares head '{h.name}' as {h}, "
                                f"another objective as {same[0]}: they cannot share it")
             if not same:
                 heads.append(h)
+    builder = ctxs[0].builder
     model = VLPModel.from_text_encoder(
-        resolve_text_encoder(recipe.model.init), store.feature_dim, heads,
+        resolve_text_encoder(recipe.model.init), first.feature_dim, heads,
         pos_dim=builder.pos_dim, img_dropout=recipe.model.img_dropout, vocab_size=len(tok),
-        seed=recipe.seed)
+        seed=recipe.seed, image_embedder=recipe.model.image_embedder)
+    apply_model_options(model, recipe)
     freeze_unused(model, objectives)
-    work = [TrainTask(t.name, t.dataset(ctx, "train", recipe.seed), Collator(builder.pad_id,
-                      t.collate), t.step, cfg.tasks[t.name],
-                      eval_dataset=t.dataset(ctx, "val", recipe.seed + 1)) for t in objectives]
+    tags = _labels([c for c, _, _ in sources]) if len(sources) > 1 else [""]
+    work = [TrainTask(t.name + (f"@{tag}" if tag else ""), t.dataset(ctx, "train", recipe.seed),
+                      Collator(builder.pad_id, t.collate), t.step, cfg.tasks[t.name] * ratio,
+                      eval_dataset=t.dataset(ctx, "val", recipe.seed + 1))
+            for t in objectives for ctx, tag, (_, _, ratio) in zip(ctxs, tags, sources)]
     meta = {"task": "pretrain", "tasks": {t.name: t.state for t in objectives},
             "objectives": [o for t in objectives
                            for o in getattr(t, "objectives", lambda r: [t.name])(recipe)],
-            "init": recipe.model.init, "corpus": corpus_meta(c),
-            "features": features_meta(store)}
+            "init": recipe.model.init, "corpus": corpus_meta(opened[0].corpus),
+            "features": features_meta(first)}
+    if len(sources) > 1:
+        meta["corpora"] = [{**corpus_meta(i.corpus), "features": features_meta(i.features),
+                            "ratio": r} for i, (_, _, r) in zip(opened, sources)]
 
     def save(m: object, step: int) -> None:
         save_checkpoint(out, m, tok, {**meta, "step": step}, recipe)
 
     logger.info("pre-training (%s) on %s examples (%s held out), %d steps of %d",
-                ", ".join(names), "+".join(str(len(w.dataset)) for w in work),
+                ", ".join(w.name for w in work), "+".join(str(len(w.dataset)) for w in work),
                 "+".join(str(len(w.eval_dataset)) for w in work), cfg.train.steps,
                 cfg.train.batch_size)
     result = train(model, work, cfg.train, out, seed=recipe.seed, identity=identity,

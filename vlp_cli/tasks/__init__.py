@@ -8,11 +8,16 @@ in the recipes that use it. Nothing outside this folder names a task.
 from __future__ import annotations
 
 from vlp_cli import VlpError
-from vlp_cli.tasks import captioning, oscar, retrieval, vqa
+from vlp_cli.tasks import captioning, itm, mlm, mrc, mrckl, mrfr, oscar, retrieval, vqa
 from vlp_cli.tasks.base import Context, Stats, Step, Task
 
 TASKS: dict[str, Task] = {
     oscar.TASK.name: oscar.TASK,
+    mlm.TASK.name: mlm.TASK,
+    mrfr.TASK.name: mrfr.TASK,
+    mrc.TASK.name: mrc.TASK,
+    mrckl.TASK.name: mrckl.TASK,
+    itm.TASK.name: itm.TASK,
     vqa.TASK.name: vqa.TASK,
     retrieval.TASK.name: retrieval.TASK,
     captioning.TASK.name: captioning.TASK,

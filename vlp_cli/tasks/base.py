@@ -41,6 +41,9 @@ class Context:
     corpus: Corpus
     builder: ExampleBuilder
     tokenizer: Any
+    # The region classes of the run (pre-training on several corpora: the union of their
+    # feature stores' labels); None: this feature store's labels.
+    labels: list[str] | None = None
 
 
 class Task:

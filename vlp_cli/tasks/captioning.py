@@ -112,7 +112,7 @@ class CaptionDecoder:
         hidden = encode(self.model, batch)
         where = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=self.device)
         where[:, 1 + state["t"]] = True  # the [MASK] after t words
-        logits = self.model.mlm_logits(hidden[:, : where.shape[1]], where)  # [B, V]
+        logits = self.model.mlm_logits(hidden[:, : where.shape[1]], where, "mlm")  # [B, V]
         return logits, {**state, "t": state["t"] + 1}
 
     def reorder(self, state: dict, rows: torch.Tensor) -> dict:

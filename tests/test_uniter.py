@@ -1,0 +1,166 @@
+"""UNITER's objectives: masking statistics, and each loss equal to a value computed by hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import LABELS, make_regions, tiny_recipe_obj
+from vlp_cli.tasks import TASKS, Context
+
+
+@pytest.fixture(scope="module")
+def probs_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A store whose regions carry class distributions (as a detector's do), and a corpus."""
+    from vlp_cli.checkpoint import load_tokenizer
+    from vlp_cli.data.examples import ExampleBuilder
+    from vlp_cli.stages import corpus
+    from vlp_cli.stores.corpus import Corpus
+    from vlp_cli.stores.features import FeatureStore, FeatureStoreWriter
+
+    root = tmp_path_factory.mktemp("uniter")
+    rng = np.random.default_rng(1)
+    w = FeatureStoreWriter(root / "features", {"extractor": {"name": "synthetic"},
+                                              "feature_dim": 16, "labels": LABELS})
+    lines = []
+    for i in range(12):
+        w.put(f"i{i}", make_regions(rng, 5, 16, with_probs=True))
+        lines.append({"image": f"i{i}", "caption": f"a thing number {i} with some words here",
+                      "split": "train"})
+    w.close()
+    (root / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recipe = tiny_recipe_obj()
+    corpus.run([str(root / "d.jsonl")], root / "features", root / "corpus", recipe)
+    tok = load_tokenizer("embedded:minilm")
+    builder = ExampleBuilder(tok, FeatureStore(root / "features"), recipe.data)
+    return {"recipe": recipe, "tok": tok,
+            "ctx": Context(recipe, Corpus(root / "corpus"), builder, tok)}
+
+
+def _batch(world: dict, name: str, n: int = 6, recipe=None) -> tuple:
+    from vlp_cli.data.datasets import Collator
+    from vlp_cli.model import VLPModel
+
+    recipe = recipe or world["recipe"]
+    ctx = Context(recipe, world["ctx"].corpus, world["ctx"].builder, world["tok"])
+    task = TASKS[name].bind(recipe)
+    task = task.bind(recipe, task.prepare(ctx))
+    ds = task.dataset(ctx, "train", 0)
+    items = [ds[i] for i in range(n)]
+    batch = Collator(ctx.builder.pad_id, task.collate)(items)
+    torch.manual_seed(0)
+    model = VLPModel.from_text_encoder("random:tiny", 16, task.heads(ctx),
+                                       vocab_size=len(world["tok"]))
+    model.eval()
+    return task, model, batch, items
+
+
+def test_conditional_masking_never_masks_both_and_rates_hold(probs_world: dict) -> None:
+    """10,000 draws: the text objective masks words only, the region ones regions only; 15%
+    +- 2 of the candidates; words split 80/10/10."""
+    ctx, recipe = probs_world["ctx"], probs_world["recipe"]
+    mask_id = ctx.builder.mask_id
+    for name in ("mlm", "mrfr"):
+        task = TASKS[name].bind(recipe)
+        ds = task.dataset(ctx, "train", 0)
+        cand = masked = 0
+        kinds = [0, 0, 0]  # [MASK], random, kept
+        for draw in range(10_000):
+            ds.set_epoch(draw // len(ds))
+            x = ds[draw % len(ds)]
+            words = sum(1 for v in x["mlm_labels"] if v != -100)
+            regions = int(x["region_masked"].sum())
+            assert not (words and regions), "both modalities masked in one example"
+            if name == "mlm":
+                text = ctx.builder.text(ctx.corpus.get(int(ds.indices[draw % len(ds)]))
+                                        ["segments"][0], [], recipe.data.max_text_len)
+                cand += len(text.ids) - 2
+                masked += words
+                for p, label in enumerate(x["mlm_labels"]):
+                    if label != -100:
+                        kinds[0 if x["ids"][p] == mask_id else 2 if x["ids"][p] == label else 1] += 1
+            else:
+                cand += len(x["region_masked"]) - 1  # the whole-image region is never masked
+                masked += regions
+                assert not x["region_masked"][0]
+        rate = masked / cand
+        # "at least one per example" lifts the rate a little above 15% on short examples
+        assert 0.13 <= rate <= 0.17 + 1.0 / (cand / 10_000), (name, rate)
+        if name == "mlm":
+            share = np.array(kinds) / sum(kinds)
+            assert abs(share[0] - 0.8) < 0.02 and abs(share[1] - 0.1) < 0.02, share
+
+
+def test_joint_masking_masks_both(probs_world: dict) -> None:
+    from vlp_cli.config import load_recipe
+    from conftest import tiny_recipe_sets
+
+    recipe = load_recipe("tiny", tiny_recipe_sets() + ["pretrain.masking=joint"])
+    ctx = Context(recipe, probs_world["ctx"].corpus, probs_world["ctx"].builder,
+                  probs_world["tok"])
+    ds = TASKS["mrc"].bind(recipe).dataset(ctx, "train", 0)
+    both = sum(1 for i in range(len(ds)) if ds[i]["region_masked"].any()
+               and any(v != -100 for v in ds[i]["mlm_labels"]))
+    assert both == len(ds)
+
+
+def test_mrfr_is_the_mean_squared_error_on_masked_regions_only(probs_world: dict) -> None:
+    task, model, batch, items = _batch(probs_world, "mrfr")
+    masked = batch["region_masked"]
+    assert masked.any() and (batch["img_feats"][masked] == 0).all()  # zeroed inputs
+    # The targets are the original features of exactly the masked regions.
+    want = torch.cat([torch.from_numpy(x["feats"][x["region_masked"]].astype(np.float32))
+                      for x in items])
+    assert torch.equal(batch["feat_targets"], want)
+    loss, stats = task.step(model, batch)
+    hidden = model(*(batch[k] for k in ("input_ids", "token_type_ids", "text_mask",
+                                        "img_feats", "img_pos", "img_mask")))
+    t = batch["input_ids"].shape[1]
+    head = model.heads["mrfr"]
+    h = head.norm(head.act(head.dense(hidden[:, t:][masked])))
+    pred = h @ model.img_embed.feat_linear.weight + head.bias  # tied to the image Linear
+    assert torch.allclose(loss, ((pred - want) ** 2).mean(), atol=1e-6)
+    assert pred.shape[0] == int(masked.sum()) < int(batch["img_mask"].sum())
+
+
+def test_mrc_kl_is_kl_of_the_detector_to_the_model(probs_world: dict) -> None:
+    task, model, batch, items = _batch(probs_world, "mrckl")
+    soft = batch["soft_targets"]
+    assert soft.shape == (int(batch["region_masked"].sum()), len(LABELS))
+    assert torch.allclose(soft.sum(-1), torch.ones(len(soft)), atol=2e-3)
+    loss, stats = task.step(model, batch)
+    hidden = model(*(batch[k] for k in ("input_ids", "token_type_ids", "text_mask",
+                                        "img_feats", "img_pos", "img_mask")))
+    logits = model.region_outputs("region_cls", hidden, batch["region_masked"])
+    q = torch.softmax(logits, -1)
+    p = soft
+    by_hand = (p * (torch.log(p) - torch.log(q))).sum(-1)  # KL(p || q) per region
+    assert torch.allclose(loss, by_hand.mean() / len(LABELS), atol=1e-6)  # UNITER: mean
+    s, n = stats["mrckl_kl"]
+    assert torch.allclose(s / n, by_hand.mean(), atol=1e-5)
+    # MRC targets the top class of the same distribution (the stored class id).
+    _, _, batch_c, _ = _batch(probs_world, "mrc")
+    assert (batch_c["region_targets"] >= 0).all()
+
+
+def test_mrc_is_cross_entropy_to_the_detector_class(probs_world: dict) -> None:
+    task, model, batch, items = _batch(probs_world, "mrc")
+    loss, stats = task.step(model, batch)
+    hidden = model(*(batch[k] for k in ("input_ids", "token_type_ids", "text_mask",
+                                        "img_feats", "img_pos", "img_mask")))
+    logits = model.region_outputs("region_cls", hidden, batch["region_masked"])
+    target = torch.cat([torch.from_numpy(x["region_classes"][x["region_masked"]])
+                        for x in items])
+    by_hand = -torch.log_softmax(logits, -1)[torch.arange(len(target)), target].mean()
+    assert torch.allclose(loss, by_hand, atol=1e-6)
+
+
+def test_labels_of_several_stores_map_into_one_space() -> None:
+    from vlp_cli.tasks.masking import label_map
+
+    m = label_map(["dog", "cat"], ["cat", "bird", "dog"])
+    assert m.tolist() == [2, 0, -1]  # the last entry maps class -1 (no class)
