@@ -188,7 +188,9 @@ class CorpusCfg:
 class ModelCfg:
     """The single-stream encoder and its heads."""
 
-    init: str = "embedded:minilm"  # HF BERT checkpoint dir or hub id; "random:tiny" for tests
+    # HF BERT checkpoint dir or hub id; or a random model of a preset's size (model.py):
+    # "random:tiny" (tests), "random:base", "random:large"
+    init: str = "embedded:minilm"
     img_dropout: float = prob(0.1)
     # How regions enter the encoder. "uniter": LN(Linear(features)) + LN(Linear(7 position
     # numbers)) + type embedding, then LN. "oscar": one Linear over the features concatenated
@@ -336,6 +338,33 @@ class CaptioningCfg:
 
 
 @dataclass
+class AblateCfg:
+    """vlp ablate: the papers' ablations at our scale. Each variant pre-trains with its own
+    overrides (or not at all), then every task fine-tunes with the same budget (the tasks'
+    sections) and is evaluated on the test split, for each seed."""
+
+    tasks: list[str] = field(default_factory=lambda: ["vqa", "retrieval"])
+    seeds: int = num(3, ge=1)
+    # variant -> recipe overrides of its pre-training and fine-tuning; "no-pretrain" is the
+    # one variant that fine-tunes from the initial weights.
+    variants: dict[str, list[str]] = field(default_factory=lambda: {
+        "full": [],
+        "no-pretrain": [],
+        "no-tags": ["data.use_tags=false"],
+        "joint-masking": ["pretrain.masking=joint"],
+        "no-wra": ["itm.wra_weight=0"],
+    })
+    # The claims, each (better, worse, source): reproduced when the mean gap exceeds twice
+    # the pooled standard deviation.
+    claims: list[tuple[str, str, str]] = field(default_factory=lambda: [
+        ("full", "no-pretrain", "UNITER Table 2, L1 vs L5: pre-training helps"),
+        ("full", "no-tags", "Oscar: object tags as anchors help"),
+        ("full", "joint-masking", "UNITER Table 2, L10 vs L12: conditional beats joint masking"),
+        ("full", "no-wra", "UNITER Table 2, L10 vs L11: WRA helps"),
+    ])
+
+
+@dataclass
 class Recipe:
     """A whole recipe. Sections a stage does not use are carried along untouched."""
 
@@ -355,6 +384,7 @@ class Recipe:
     vqa: VqaCfg = field(default_factory=VqaCfg)
     retrieval: RetrievalCfg = field(default_factory=RetrievalCfg)
     captioning: CaptioningCfg = field(default_factory=CaptioningCfg)
+    ablate: AblateCfg = field(default_factory=AblateCfg)
 
 
 # ---------------------------------------------------------------------------------------------

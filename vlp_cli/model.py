@@ -81,6 +81,24 @@ def tiny_bert(vocab_size: int) -> dict[str, Any]:
                 type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
 
+def base_bert(vocab_size: int) -> dict[str, Any]:
+    """BERT-base / UNITER-base / Oscar-B: L=12, H=768, A=12 (86M parameters in the encoder)."""
+    return dict(vocab_size=vocab_size, hidden_size=768, num_hidden_layers=12,
+                num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
+                type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+def large_bert(vocab_size: int) -> dict[str, Any]:
+    """BERT-large / UNITER-large / Oscar-L: L=24, H=1024, A=16 (303M parameters)."""
+    return dict(vocab_size=vocab_size, hidden_size=1024, num_hidden_layers=24,
+                num_attention_heads=16, intermediate_size=4096, max_position_embeddings=512,
+                type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+
+
+# `model.init: random:NAME`: the architecture of a preset, randomly initialised.
+PRESETS = {"tiny": tiny_bert, "base": base_bert, "large": large_bert}
+
+
 class ImageEmbeddings(nn.Module):
     """UNITER's region embedding: features and positions each through Linear + LayerNorm."""
 
@@ -286,15 +304,22 @@ class VLPModel(nn.Module):
                           image_embedder: str = "uniter") -> VLPModel:
         """Start from a Hugging Face BERT checkpoint (a directory or hub id).
 
-        `random:tiny` builds a tiny random BERT instead (tests); it needs `vocab_size`.
+        `random:tiny` (tests), `random:base` and `random:large` build a random BERT of that
+        preset's size instead; they need `vocab_size`.
         Heads with `init` are filled from BERT's own heads where the checkpoint has them (MiniLM
         has no MLM head); what starts fresh is listed in `config.fresh_weights`.
         """
         specs = [h.to_dict() for h in heads]
-        if name == "random:tiny":
+        if name.startswith("random:"):
+            preset = PRESETS.get(name.split(":", 1)[1])
+            if preset is None:
+                from vlp_cli import VlpError
+
+                raise VlpError(f"model.init {name!r}: no such preset; choose "
+                               + ", ".join(f"random:{p}" for p in PRESETS))
             if vocab_size is None:
-                raise ValueError("random:tiny needs vocab_size")
-            return cls(ModelConfig(bert=tiny_bert(vocab_size), img_feat_dim=img_feat_dim,
+                raise ValueError(f"{name} needs vocab_size")
+            return cls(ModelConfig(bert=preset(vocab_size), img_feat_dim=img_feat_dim,
                                    pos_dim=pos_dim, img_dropout=img_dropout, heads=specs,
                                    image_embedder=image_embedder, fresh_weights=["all"]), seed)
 

@@ -75,3 +75,28 @@ def show(run_dir: Path) -> None:
         _, title, footnote = getattr(reader, "REPORT_NOTE", (None, None, None))
         if title in notes and footnote:
             out.print(footnote)
+
+
+def show_ablation(summary: dict, recipe: object) -> None:
+    """The ablation table: mean +- sd per variant and task, then each claim's verdict."""
+    from rich.table import Table
+
+    from vlp_cli.console import out
+    from vlp_cli.tasks import TASKS
+
+    tasks = recipe.ablate.tasks
+    table = Table(title="ablation (test split; mean +- sd over seeds)")
+    table.add_column("variant")
+    for t in tasks:
+        table.add_column(f"{t} {TASKS[t].headline}", justify="right")
+    for variant, row in summary["rows"].items():
+        table.add_row(variant, *[f"{row[t]['mean']:.2f} +- {row[t]['sd']:.2f} (n={row[t]['n']})"
+                                 for t in tasks])
+    out.print(table)
+    for c in summary["claims"]:
+        gaps = "; ".join(f"{t}: gap {v['gap']:+.2f}, 2 x pooled sd {2 * v['pooled_sd']:.2f}"
+                         for t, v in c["tasks"].items())
+        verdict = "REPRODUCED" if c["reproduced"] else "not reproduced"
+        out.print(f"{c['claim']} ({c['better']} vs {c['worse']}): {verdict} ({gaps})")
+    out.print(f"wall time: {summary['seconds_this_run']:.0f} s this run, "
+              f"{summary['seconds_total']:.0f} s over all runs")

@@ -55,6 +55,7 @@ class Task:
     kinds: tuple[str, ...] = ()  # corpus example kinds read (pre-training: from the recipe)
     metrics: tuple[str, ...] = ()  # names `evaluate` returns (always among its keys)
     report: tuple[str, ...] = ()  # what `vlp report` shows of a result, in this order
+    headline: str = ""  # the one metric that ranks runs (ablations); higher is better
     uses_pooler: bool = True  # whether a step reads the pooled [CLS] (else it is frozen)
     recipe: Recipe  # set by `bind`
     state: dict  # set by `bind`: what `prepare` computed (or the checkpoint kept)

@@ -127,6 +127,7 @@ class Captioning(Task):
     kinds = (KIND,)
     metrics = ("bleu4", "rouge_l", "cider", "images")
     report = ("bleu4", "meteor", "rouge_l", "cider", "images")
+    headline = "cider"
     uses_pooler = False
 
     def heads(self, ctx: Context) -> list[HeadSpec]:

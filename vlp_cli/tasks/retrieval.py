@@ -113,6 +113,7 @@ class Retrieval(Task):
     metrics = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
     report = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "images",
               "unique_caption_images", "split_images")
+    headline = "rsum"
 
     def heads(self, ctx: Context) -> list[HeadSpec]:
         from vlp_cli.model import HeadSpec

@@ -345,6 +345,7 @@ class Vqa(Task):
     kinds = (KIND,)
     metrics = ("vqa_accuracy", "questions")
     report = ("vqa_accuracy", "yes/no", "other", "questions")
+    headline = "vqa_accuracy"
 
     def prepare(self, ctx: Context) -> dict:
         c = ctx.corpus

@@ -1,0 +1,149 @@
+"""vlp ablate: the papers' ablations at our scale, one factor changed per variant, several
+seeds, one table.
+
+Each (variant, seed) runs the real commands (`vlp pretrain`, `vlp finetune`, `vlp evaluate`) in
+its own folder, as a user would; its result is written last (`result.json`, atomically), so an
+interrupted ablation picks up where it stopped: finished runs are read back, a half-finished
+one resumes its stages (`--auto-resume`). A claim counts as reproduced only where the mean gap
+between its two variants exceeds twice their pooled standard deviation, on every task.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vlp_cli import VlpError
+from vlp_cli.config import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def _vlp(*args: str) -> None:
+    cmd = [sys.executable, "-m", "vlp_cli", *args]
+    logger.info("$ vlp %s", " ".join(args))
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise VlpError(f"`vlp {' '.join(args)}` failed (exit {done.returncode}); its output is "
+                       "above. Rerun `vlp ablate` to continue from the finished runs")
+
+
+def _once(marker: Path, *args: str) -> None:
+    """Run a command unless its marker says it finished (a kill leaves no marker: the next
+    run resumes it with --auto-resume or redoes it)."""
+    if not marker.is_file():
+        _vlp(*args)
+        marker.write_text("done\n")
+
+
+def run_one(recipe_path: Path, corpus: Path, features: Path, d: Path, sets: list[str],
+            pretrain: bool, tasks: list[str]) -> dict:
+    """One (variant, seed): pre-train (unless not), fine-tune and evaluate each task."""
+    from vlp_cli.tasks import get
+
+    d.mkdir(parents=True, exist_ok=True)
+    common = ["--recipe", str(recipe_path)] + [x for s in sets for x in ("--set", s)]
+    io = ["-c", str(corpus), "-f", str(features)]
+    start = d / "pretrained"
+    if not pretrain:
+        # The initial weights as a checkpoint (text encoder + fresh image embedder): one step
+        # at a learning rate of 1e-30 moves no weight by more than ~1e-29.
+        sets = [*sets, "pretrain.train.steps=1", "pretrain.train.warmup_steps=0",
+                "pretrain.train.lr=1e-30", "pretrain.train.eval_every=0",
+                "pretrain.train.eval_batches=1"]
+    _once(d / ".pretrained.done", "pretrain", str(recipe_path), *io, "-o", str(start),
+          "--auto-resume", *[x for s in sets for x in ("--set", s)])
+    result: dict = {}
+    for name in tasks:
+        ck, ev = d / name, d / f"eval-{name}"
+        _once(d / f".{name}.done", "finetune", name, "-k", str(start), *io, "-o", str(ck),
+              "--auto-resume", *common)
+        _once(d / f".eval-{name}.done", "evaluate", name, "-k", str(ck), *io, "-o", str(ev))
+        metrics = json.loads((ev / "metrics.json").read_text())
+        result[name] = metrics[get(name).headline]
+    return result
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def table(results: dict[str, dict[int, dict]], recipe: Recipe) -> dict:
+    """Mean and standard deviation per variant and task, and each claim's verdict."""
+    tasks = recipe.ablate.tasks
+    rows = {}
+    for variant, by_seed in results.items():
+        rows[variant] = {}
+        for t in tasks:
+            vals = [r[t] for r in by_seed.values() if t in r]
+            rows[variant][t] = {"mean": statistics.fmean(vals) if vals else math.nan,
+                                "sd": statistics.stdev(vals) if len(vals) > 1 else math.nan,
+                                "n": len(vals), "values": vals}
+    claims = []
+    for better, worse, source in recipe.ablate.claims:
+        if better not in rows or worse not in rows:
+            continue
+        verdicts = {}
+        for t in tasks:
+            a, b = rows[better][t], rows[worse][t]
+            pooled = math.sqrt((a["sd"] ** 2 + b["sd"] ** 2) / 2)
+            gap = a["mean"] - b["mean"]
+            verdicts[t] = {"gap": gap, "pooled_sd": pooled,
+                           "reproduced": bool(gap > 2 * pooled)}
+        claims.append({"claim": source, "better": better, "worse": worse, "tasks": verdicts,
+                       "reproduced": all(v["reproduced"] for v in verdicts.values())})
+    return {"rows": rows, "claims": claims}
+
+
+def run(recipe: Recipe, recipe_path: Path, corpus: Path, features: Path, out: Path,
+        seeds: int | None = None, variants: list[str] | None = None,
+        sets: list[str] | None = None) -> dict:
+    """Every (variant, seed) not yet finished, then the table (written to out/ablation.json).
+    `sets` (the command line's --set) apply to every run, before each variant's own."""
+    from vlp_cli.tasks import get
+
+    cfg = recipe.ablate
+    for t in cfg.tasks:
+        if not get(t, "finetune").headline:
+            raise VlpError(f"ablate.tasks: '{t}' has no headline metric to compare")
+    names = variants or list(cfg.variants)
+    unknown = [v for v in names if v not in cfg.variants]
+    if unknown:
+        raise VlpError(f"unknown variant(s) {unknown}; the recipe's ablate.variants are "
+                       f"{', '.join(cfg.variants)}")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    results: dict[str, dict[int, dict]] = {}
+    for variant in names:
+        results[variant] = {}
+        for i in range(seeds or cfg.seeds):
+            seed = recipe.seed + i
+            d = out / f"{variant}-seed{seed}"
+            done = d / "result.json"
+            if done.is_file():
+                results[variant][seed] = json.loads(done.read_text())["metrics"]
+                continue
+            t0 = time.time()
+            run_sets = [*(sets or []), *cfg.variants[variant], f"seed={seed}"]
+            metrics = run_one(recipe_path, corpus, features, d, run_sets,
+                              pretrain=variant != "no-pretrain", tasks=cfg.tasks)
+            _write_atomic(done, {"variant": variant, "seed": seed, "metrics": metrics,
+                                 "overrides": run_sets,
+                                 "seconds": round(time.time() - t0, 1)})
+            results[variant][seed] = metrics
+    summary = table(results, recipe)
+    summary["seconds_this_run"] = round(time.time() - started, 1)
+    summary["seconds_total"] = round(sum(
+        json.loads((out / f"{v}-seed{recipe.seed + i}" / "result.json").read_text())["seconds"]
+        for v in names for i in range(seeds or cfg.seeds)), 1)
+    _write_atomic(out / "ablation.json", summary)
+    return summary
