@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vlp_cli.benches.extract import bench_extract
+from vlp_cli.benches.ipot import bench_ipot
 from vlp_cli.benches.memory import bench_extract_memory
 from vlp_cli.benches.pipeline import bench_pipeline
 from vlp_cli.benches.store_read import bench_store_read
@@ -18,4 +19,5 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "extract": bench_extract,
     "store-read": bench_store_read,
     "extract-memory": bench_extract_memory,
+    "ipot": bench_ipot,
 }

@@ -36,4 +36,8 @@ def run(name: str, reps: int = 5) -> dict:
                     if wp:
                         out.print(f"    reading the class distribution too (MRC-kl): ratio "
                                   f"{wp['ratio']} per-rep {wp['ratios']}")
+            for kind, e in (r.get("emd2") or {}).items():  # ipot: agreement with the exact OT
+                out.print(f"  emd2 {kind}: max relative error {e['max_rel_err']} (target <= "
+                          f"{e['target']}, {'met' if e['met'] else 'MISSED'}), median "
+                          f"{e['median_rel_err']}; by iterations {e['by_iters']}")
     return results
