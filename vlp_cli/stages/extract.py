@@ -22,7 +22,8 @@ from pathlib import Path
 from vlp_cli import VlpError
 from vlp_cli.config import Recipe, save_recipe
 from vlp_cli.console import progress
-from vlp_cli.extractors.images import list_images, read_boxes_jsonl
+from vlp_cli.extractors.given import read_boxes_jsonl
+from vlp_cli.extractors.images import list_images
 from vlp_cli.extractors.pipeline import Extractor, extract_batches
 from vlp_cli.stores.features import FeatureStoreWriter, shard_name, store_parts
 from vlp_cli.stores.integrity import file_signature
