@@ -412,4 +412,4 @@ def one_torch_thread() -> Iterator[None]:
 
 
 # The boxes-file parser lives in given.py; its names stay importable from here.
-from vlp_cli.extractors.given import GivenBoxes, read_boxes_jsonl  # noqa: E402,F401
+from vlp_cli.extractors.given import GivenBoxes, read_boxes_jsonl  # noqa: F401

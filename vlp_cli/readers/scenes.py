@@ -25,17 +25,17 @@ import numpy as np
 
 from vlp_cli import VlpError
 from vlp_cli.scenes import detector
+from vlp_cli.scenes.language import captions, questions
 from vlp_cli.scenes.layout import (SEED, SPLIT_INDEX, TEST_SCENES, TRAIN_SCENES, Scene,
                                    make_scenes, write_images)
-from vlp_cli.scenes.language import captions, questions
 
 NAME = "scenes"
 SOURCE_HELP = ("`scenes` or `scenes:N`: the embedded scenes (2 to 6 easy-VQA shapes per image, "
                "captions with relations, questions, a simulated detector's boxes; N: the first "
                "N train scenes and proportionately many test scenes)")
 REPORT_NOTE = ("scenes-summary.json", "scenes data set",
-               "Object tags here come from a simulated detector over the ground truth: jittered "
-               "boxes, about 15% wrong top tags, low-confidence extra boxes.")
+               ("Object tags here come from a simulated detector over the ground truth: "
+                "jittered boxes, about 15% wrong top tags, low-confidence extra boxes."))
 _SPEC = re.compile(rf"{NAME}:(\d+)")
 
 

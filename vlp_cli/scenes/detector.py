@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlp_cli.scenes.layout import CLASSES, COLORS, SHAPES, SPLIT_INDEX, SEED, Scene
+from vlp_cli.scenes.layout import CLASSES, COLORS, SEED, SHAPES, SPLIT_INDEX, Scene
 
 WRONG_TAG_PROB = 0.15
 SAME_SHAPE_SHARE = 0.7  # of wrong tags and of the confusion mass: another colour, same shape
