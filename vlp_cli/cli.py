@@ -177,7 +177,9 @@ def extract_features(
                                                f"{', '.join(NAMED)}.")],
     out: Out,
     boxes: Annotated[Optional[Path], typer.Option(help="JSONL of given boxes per image: "
-                     '{"image": key, "boxes": [[x1,y1,x2,y2],...], "labels": [...]}.')] = None,
+                     '{"image": key, "boxes": [[x1,y1,x2,y2],...], "labels": [...]}; optional '
+                     '"scores": [...], and "classes": [...] with "probs": [[...],...] (a class '
+                     "distribution per box, stored like a detector's).")] = None,
     detector_cfg: Annotated[Optional[Path], typer.Option(help="A Darknet-format detector "
                             "cfg (instead of the embedded YOLOv3-tiny).")] = None,
     detector_weights: Annotated[Optional[Path], typer.Option(help="Its .weights file.")] = None,

@@ -411,53 +411,5 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@dataclass
-class GivenBoxes:
-    """Boxes handed in with --boxes FILE.jsonl, by image key."""
-
-    boxes: dict[str, tuple[np.ndarray, list[str], np.ndarray]]
-    labels: list[str]  # sorted vocabulary
-    sha256: str
-
-
-def read_boxes_jsonl(path: Path) -> GivenBoxes:
-    """Parse `{"image": key, "boxes": [[x1,y1,x2,y2], ...], "labels": [...], "scores"?: [...]}`.
-
-    Image keys are NFC-normalised like `list_images`' keys, so that a file written where
-    names are NFD (macOS) still matches. Any malformed line is an error naming the file, the
-    line and the field.
-    """
-    import hashlib
-
-    from vlp_cli.readers.jsonl_lines import iter_jsonl
-
-    path = Path(path)
-    out: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
-    vocab: set[str] = set()
-    for where, rec in iter_jsonl(path, "boxes file"):
-        boxes, labels = rec.get("boxes"), rec.get("labels")
-        if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) != len(labels):
-            raise VlpError(f"{where}: 'boxes' and 'labels' must be lists of the same length")
-        try:
-            arr = np.asarray(boxes, dtype=np.float32).reshape(len(boxes), 4)
-        except (ValueError, TypeError):
-            raise VlpError(f"{where}: each box must be [x1, y1, x2, y2] numbers")
-        if len(arr) and (not np.isfinite(arr).all() or (arr[:, 2] < arr[:, 0]).any()
-                         or (arr[:, 3] < arr[:, 1]).any()):
-            raise VlpError(f"{where}: boxes need finite x1 <= x2 and y1 <= y2 (pixels)")
-        if not all(isinstance(x, str) and x for x in labels):
-            raise VlpError(f"{where}: 'labels' must be non-empty strings")
-        scores = rec.get("scores", [1.0] * len(labels))
-        if not isinstance(scores, list) or len(scores) != len(labels):
-            raise VlpError(f"{where}: 'scores' must be a list as long as 'labels'")
-        try:
-            score_arr = np.asarray(scores, dtype=np.float32).reshape(len(labels))
-        except (ValueError, TypeError):
-            raise VlpError(f"{where}: 'scores' must be numbers") from None
-        if not np.isfinite(score_arr).all():
-            raise VlpError(f"{where}: 'scores' must be finite numbers")
-        out[unicodedata.normalize("NFC", rec["image"])] = (arr, list(labels), score_arr)
-        vocab.update(labels)
-    if not out:
-        raise VlpError(f"boxes file {path} holds no records")
-    return GivenBoxes(out, sorted(vocab), hashlib.sha256(path.read_bytes()).hexdigest()[:16])
+# The boxes-file parser lives in given.py; its names stay importable from here.
+from vlp_cli.extractors.given import GivenBoxes, read_boxes_jsonl  # noqa: F401

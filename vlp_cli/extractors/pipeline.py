@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from vlp_cli import VlpError
 from vlp_cli.config import ExtractCfg
 from vlp_cli.extractors.backbone import Backbone, file_sha256, grid_boxes, load_backbone
-from vlp_cli.extractors.images import (Decoded, GivenBoxes, ImageFolder, collate_decoded,
-                                       one_torch_thread)
+from vlp_cli.extractors.given import GivenBoxes
+from vlp_cli.extractors.images import Decoded, ImageFolder, collate_decoded, one_torch_thread
 from vlp_cli.stores.features import Regions, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,9 @@ class Extractor:
             unknown = sorted(set(given.labels) - set(self._label_ids))
             if unknown:
                 raise VlpError(f"given boxes use labels {unknown[:5]} outside the tag vocabulary")
+            # Given class distributions are over the file's vocabulary: these are its columns
+            # in the store's (the same list, unless rebuilt from a store's metadata).
+            self._given_columns = np.asarray([self._label_ids[x] for x in given.labels], np.int64)
 
     # -- identity --------------------------------------------------------------------------------
 
@@ -94,6 +97,8 @@ class Extractor:
         """Store metadata: enough to reproduce the extraction on new images, or to refuse."""
         if self.given is not None:
             boxes: dict = {"source": "given", "file_sha256": self.given.sha256}
+            if self.given.probs:
+                boxes["class_probs"] = "given per box in the boxes file, over the labels"
         elif self.detector_info is not None:
             d = self.detector_info
             boxes = {"source": "detector", "detector": d.name, "cfg": d.cfg,
@@ -217,6 +222,10 @@ class Extractor:
             boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
             boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
             cls = np.asarray([self._label_ids[x] for x in labels], np.int32)
+            if self.given.probs:  # then every image's record carries them, even with no box
+                probs = np.zeros((len(boxes), len(self.labels)), np.float16)
+                if item.key in self.given.probs:
+                    probs[:, self._given_columns] = self.given.probs[item.key]
         else:
             boxes = grid_boxes(w, h, self.cfg.fallback_grid)
             cls = np.full(len(boxes), -1, np.int32)  # grid cells carry no tag

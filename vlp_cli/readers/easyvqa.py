@@ -308,21 +308,22 @@ def _fill_to_shape(fill: float) -> str:
     return "triangle"
 
 
-def measure_image(rgb: np.ndarray) -> ShapeMeasurements:
-    """Raw measurements behind `annotate_image`, for diagnostics and threshold tuning.
+def shape_coverage(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How much of each pixel the single shape covers, and the two colours it blends.
 
     Args:
         rgb: (H, W, 3) uint8 image with one shape on a plain background.
 
     Returns:
-        The `ShapeMeasurements`.
+        (coverage [H, W] float in 0..1, shape colour, background colour), colours as float RGB.
+        `coverage >= COVERAGE_THRESHOLD` is the shape's mask; the coverage itself is the
+        anti-aliased alpha to paste the shape elsewhere with.
 
     Raises:
         ValueError: The array is not (H, W, 3) or no shape stands out from the background.
     """
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
-    height, width = rgb.shape[:2]
     pixels = rgb.astype(np.float64)
     background = _background(rgb)
     offset = pixels - background
@@ -337,6 +338,23 @@ def measure_image(rgb: np.ndarray) -> ShapeMeasurements:
     # Sub-noise differences are quantisation, not shape; when the two colours are close the
     # projection would magnify a one-level difference into a sizeable coverage.
     coverage[distance <= _NOISE_FLOOR] = 0.0
+    return coverage, shape_rgb, background
+
+
+def measure_image(rgb: np.ndarray) -> ShapeMeasurements:
+    """Raw measurements behind `annotate_image`, for diagnostics and threshold tuning.
+
+    Args:
+        rgb: (H, W, 3) uint8 image with one shape on a plain background.
+
+    Returns:
+        The `ShapeMeasurements`.
+
+    Raises:
+        ValueError: The array is not (H, W, 3) or no shape stands out from the background.
+    """
+    coverage, shape_rgb, background = shape_coverage(rgb)
+    height, width = rgb.shape[:2]
     mask = coverage >= COVERAGE_THRESHOLD
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 def regions_from_images(images: Path, boxes: Path | None, meta: dict, builder: ExampleBuilder,
                         limit: int | None) -> tuple[list[str], list[ImageInput]]:
     """Extract features from raw images exactly as the checkpoint's feature store was made."""
-    from vlp_cli.extractors.images import list_images, read_boxes_jsonl
+    from vlp_cli.extractors.given import read_boxes_jsonl
+    from vlp_cli.extractors.images import list_images
     from vlp_cli.extractors.pipeline import Extractor, extract_batches
 
     given = read_boxes_jsonl(boxes) if boxes is not None else None

@@ -22,7 +22,8 @@ from pathlib import Path
 from vlp_cli import VlpError
 from vlp_cli.config import Recipe, save_recipe
 from vlp_cli.console import progress
-from vlp_cli.extractors.images import list_images, read_boxes_jsonl
+from vlp_cli.extractors.given import read_boxes_jsonl
+from vlp_cli.extractors.images import list_images
 from vlp_cli.extractors.pipeline import Extractor, extract_batches
 from vlp_cli.stores.features import FeatureStoreWriter, shard_name, store_parts
 from vlp_cli.stores.integrity import file_signature
@@ -87,14 +88,23 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
         strict: make any image failure the exit status.
         draw: write each image with its boxes and tags drawn into this folder.
     """
+    # A named data set may render its images here: they exist while extracting only.
+    scratch = Path(tempfile.mkdtemp(prefix="vlp-extract-"))
+    try:
+        return _extract(images, Path(out), recipe, boxes, limit, strict, draw, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _extract(images: str, out: Path, recipe: Recipe, boxes: Path | None, limit: int | None,
+             strict: bool, draw: Path | None, scratch: Path) -> Path:
     cfg = recipe.extract
-    out = Path(out)
     derived: Path | None = None
     from vlp_cli.readers import image_source
 
     named = image_source(images)
     if named is not None:  # a data set vlp knows by name: its images, and boxes it derives
-        root, given_boxes = named.image_source(images, Path(tempfile.mkdtemp()))
+        root, given_boxes = named.image_source(images, scratch)
         if boxes is None and given_boxes is not None:
             # Kept beside the store once it is open, for anyone who wants to see them.
             boxes = derived = given_boxes
@@ -118,7 +128,10 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
             logger.warning("%d of %d images have no entry in %s: they get the whole-image "
                            "region only", missing, len(files), boxes)
     extractor = Extractor(cfg, given)
-    meta = {**extractor.meta(), "source": str(root.resolve())}
+    # Images rendered afresh each run have no lasting folder: the data set's name is their
+    # source (a rerun into the same store then resumes it).
+    transient = root.resolve().is_relative_to(scratch.resolve())
+    meta = {**extractor.meta(), "source": images if transient else str(root.resolve())}
     skip = _existing_keys(out, target, world) if sharded else set()
     writer = FeatureStoreWriter(target, meta, commit_every=cfg.commit_every, planned=len(files))
     if derived is not None:
