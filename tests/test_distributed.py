@@ -119,3 +119,69 @@ def test_vlp_evaluate_on_two_processes(tiny_data: dict, tmp_path: Path) -> None:
     assert len({p["qid"] for p in p2}) == len(p2)
     m1, m2 = (json.loads((tmp_path / e / "metrics.json").read_text()) for e in ("e1", "e2"))
     assert m1["questions"] == m2["questions"] == len(p1)
+
+
+
+def _train_rows(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def test_two_processes_follow_one_process_with_twice_the_batch(tiny_data: dict,
+                                                               tmp_path: Path) -> None:
+    """2 processes x batch 2 give the per-step losses and final weights of 1 process x batch 4.
+
+    Step k of rank r takes batch 2k+r of the epoch's permutation (streams.EpochBatches), so the
+    two ranks together see exactly the 1-process batch k, and each example's masking comes
+    from (seed, epoch, index): the same inputs. Two things would still make the runs differ
+    beyond rounding, and the recipe here removes both:
+    - dropout (other RNG streams, other tensor shapes): off (model.img_dropout=0, and
+      train_worker.py turns off the tiny BERT's);
+    - DDP averages per-process mean losses, one process takes the mean over all masked tokens:
+      the two differ when the processes hold different numbers of masked tokens.
+      oscar.mask_prob=0 masks exactly one token per example (mask_tokens' at_least_one), so
+      both processes hold 2 and the objectives (and their gradients) are the same function.
+    What is left is float32 summation order (other batch shapes, the gradient all-reduce).
+    Measured over 8 steps (14 examples: 3 steps an epoch, so two epoch boundaries): losses at
+    most 1.7e-7 apart (relative; most steps bit-equal), final weights 7e-8 (relative norm of
+    the difference; largest element 1.3e-6, lr 2e-4). The tolerance, 1e-5, leaves room for
+    other CPUs' rounding; what it guards against is far above it: both ranks on the same batch
+    moves mlm_loss by 7.5e-3 at step 1 and the weights by 1.1e-2. For comparison, with the
+    tiny recipe's own dropout and masking the losses differ by up to 8e-3 and the weights by
+    1e-2 (dropout), and without dropout but with mask_prob 0.15 the logged loss by up to 1.9e-3
+    (the per-process mean; mlm_loss and contrast_loss, reduced as sums, by 5e-5).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    tol = 1e-5
+    worker = Path(__file__).parent / "train_worker.py"
+    steps, b = 8, 2
+    sets = tiny_recipe_sets() + [f"pretrain.train.steps={steps}", "pretrain.train.eval_every=0",
+                                 "pretrain.train.save_every=0", "pretrain.train.save_minutes=0",
+                                 "model.img_dropout=0", "oscar.mask_prob=0"]
+    args = [str(worker), "pretrain", "recipes/tiny.yaml", "-c", str(tiny_data["corpus"]), "-f",
+            str(tiny_data["features"]), *(f for s in sets for f in ("--set", s))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+         "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *args,
+         "-o", str(tmp_path / "two"), "--set", f"pretrain.train.batch_size={b}"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "-o", str(tmp_path / "one"), "--set",
+                          f"pretrain.train.batch_size={2 * b}"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    r1, r2 = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
+    assert [r["step"] for r in r1] == [r["step"] for r in r2] == list(range(1, steps + 1))
+    for x, y in zip(r1, r2):
+        assert x["lr"] == y["lr"]
+        for k in ("loss", "mlm_loss", "contrast_loss"):
+            assert abs(x[k] - y[k]) <= tol * abs(x[k]), (x["step"], k, x[k], y[k])
+    w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    diff = torch.cat([(w1[k] - w2[k]).flatten() for k in w1]).norm()
+    assert diff <= tol * torch.cat([w.flatten() for w in w1.values()]).norm()
