@@ -369,7 +369,7 @@ def test_new_benches_are_well_formed() -> None:
 
     assert spread([3.0, 1.0, 2.0]) == [1.0, 2.0, 3.0]
     r = bench_collate(reps=2, batch_size=4, batches=2,
-                      scales={"demo": CollateScale(10, 3, 8), "oscar": CollateScale(10, 5, 16)})
+                      scales={"demo": CollateScale(10, 3, 8), "paper": CollateScale(10, 5, 16)})
     assert r["unit"] == "examples/s" and len(r["parts"]["demo"]["ratios"]) == 2
     assert r["ratio"] == r["parts"]["demo"]["ratio"] > 0 and len(r["spread"]) == 3
     text, regions = coco_like(3000)
@@ -382,7 +382,7 @@ def test_new_benches_are_well_formed() -> None:
     r = bench_train_step(reps=1, examples=16, batch_size=8, dim=8, max_text=35,
                          bert={"hidden_size": 32, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "intermediate_size": 37})
-    assert r["vlp_per_s"] > 0 and r["oscar_per_s"] > 0 and len(r["ratios"]) == 1
+    assert r["vlp_per_s"] > 0 and r["padded_per_s"] > 0 and len(r["ratios"]) == 1
     assert r["attention"] == ["sdpa", "eager"] and r["positions_ratio"] > 1
 
 

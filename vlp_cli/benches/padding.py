@@ -6,8 +6,8 @@ measured epoch by epoch (one epoch a repetition) for UNITER's bucketed batches
 (`data.buckets`, budget = the fixed batch's size x the mean example) and for fixed-size batches
 of shuffled examples, over two length distributions:
 
-- easy-vqa: the demo's VQA examples, from a feature store and corpus built in a temporary
-  folder over the first easy-VQA images (the demo's extraction and corpus code, ~10 s).
+- easy-vqa: the demo corpus's training examples (captions and questions), from a feature
+  store and corpus built in a temporary folder over the first easy-VQA images (the demo's extraction and corpus code, ~10 s).
 - coco-like: sampled, as Oscar / UNITER pre-training sees COCO with VinVL regions: caption word
   pieces ~ N(11.5, 2.5) in [6, 30] plus 8-15 tag pieces, `[CLS] a [SEP] b [SEP]` within 35
   tokens, tags the labels of the boxes (~1.2 pieces each, at most 15); regions log-normal
@@ -61,25 +61,25 @@ def coco_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def easy_vqa_sizes(images: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(text tokens, regions) of the demo's VQA training examples over `images` images, and
-    the demo's VQA batch size."""
-    from vlp_cli import tasks as registry
+    """(text tokens, regions) of the demo corpus's training examples (every kind) over
+    `images` images, and the demo's pre-training batch size."""
     from vlp_cli.benches.pipeline import _small_easy_vqa
     from vlp_cli.checkpoint import load_tokenizer
-    from vlp_cli.data.examples import ExampleBuilder
+    from vlp_cli.data.examples import ExampleBuilder, TaskDataset
     from vlp_cli.stages.common import open_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         feats, corp, recipe = _small_easy_vqa(Path(tmp), images)
         inputs = open_inputs(corp, feats)
-        tok = load_tokenizer(recipe.model.init)
-        ctx = registry.Context(recipe, inputs.corpus,
-                               ExampleBuilder(tok, inputs.features, recipe.data), tok)
-        task = registry.get("vqa").bind(recipe)
-        task = task.bind(recipe, task.prepare(ctx))
-        text, regions = task.dataset(ctx, "train", 0).sizes()
+        c = inputs.corpus
+        kinds = sorted({key.split("/")[0] for key in c.meta.get("counts", {})})
+        ds = TaskDataset(c, ExampleBuilder(load_tokenizer(recipe.model.init), inputs.features,
+                                           recipe.data),
+                         np.concatenate([c.indices(k, "train") for k in kinds]), 0)
+        ds.max_text_len = recipe.data.max_text_len
+        text, regions = ds.sizes()
         inputs.features.close()
-        return text, regions, recipe.vqa.train.batch_size
+        return text, regions, recipe.pretrain.train.batch_size
 
 
 def _part(text: np.ndarray, regions: np.ndarray, batch_size: int, bucket_size: int,

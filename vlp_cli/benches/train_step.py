@@ -4,7 +4,7 @@ Both arms run the same model (a BERT-mini-sized `VLPModel`: hidden 256, 4 layers
 2048-d region features, random weights; the same weights in both) over the same examples,
 whose lengths follow the padding benchmark's COCO-like distribution:
 
-- oscar: `transformers.BertModel` with eager attention, every example padded to the recipe's
+- padded: `transformers.BertModel` with eager attention, every example padded to the recipe's
   maximum text length and region count (35 + 50), fixed batches of 32: as the Oscar code pads.
 - vlp: SDPA attention (transformers' default), length-bucketed batches (`data.buckets`, budget
   32 x 85 units: the fixed batch's size) padded to each batch's own lengths.
@@ -74,8 +74,8 @@ def bench_train_step(reps: int, examples: int = 128, batch_size: int = 32,
         return n / (time.perf_counter() - start)
 
     rates = interleave({"vlp": lambda: run(model, ours),
-                        "oscar": lambda: run(baseline, fixed)}, reps)
-    result = ratio_summary(rates, "vlp", "oscar", target)
+                        "padded": lambda: run(baseline, fixed)}, reps)
+    result = ratio_summary(rates, "vlp", "padded", target)
     fixed_pos = sum(x[0].numel() + x[5].numel() for x in fixed)
     ours_pos = sum(x[0].numel() + x[5].numel() for x in ours)
     result.update(name="train-step", examples=examples, batch_size=batch_size,
