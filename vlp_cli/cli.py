@@ -530,7 +530,7 @@ def report(
 @_friendly
 def bench(
     name: Annotated[str, typer.Argument(help="pipeline | extract | store-read | extract-memory "
-                                              "| all")],
+                                              "| padding | collate | train-step | all")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results here.")]
     = None,
     reps: Annotated[int, typer.Option(help="Measured repetitions (after one warm-up).")] = 5,
