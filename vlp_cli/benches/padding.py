@@ -11,7 +11,8 @@ of shuffled examples, over two length distributions:
   extraction and corpus code, ~10 s).
 - coco-like: sampled, as Oscar / UNITER pre-training sees COCO with VinVL regions: caption word
   pieces ~ N(11.5, 2.5) in [6, 30], `[CLS] a [SEP] b [SEP]` within 35 tokens, tags the
-  labels of the boxes (~1.2 pieces each, at most 15); regions log-normal around 28 boxes (VinVL at conf >= 0.2, 10 to 100, 49 kept) plus the whole image.
+  labels of the boxes (~1.2 pieces each, at most 15); regions log-normal around 28 boxes
+  (VinVL at conf >= 0.2, 10 to 100, 49 kept) plus the whole image.
 
 "packed" (under `also`) counts what a layout that packs each example's text and regions
 together before padding would pay (UNITER gathers them so): the collator's layout pads text
