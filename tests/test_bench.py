@@ -318,3 +318,78 @@ def test_store_read_arms_fill_the_same_batch_slot(tmp_path: Path) -> None:
     finally:
         uniter.close()
         store.close()
+
+
+def _collate_plain(pad_id: int, items: list) -> dict:
+    """The Collator as it was before its text was built in one tensor (the reference)."""
+    if items and isinstance(items[0], list):
+        items = [x for pair in items for x in pair]
+    b, t = len(items), max(len(x["ids"]) for x in items)
+    r = max(max(len(x["feats"]) for x in items), 1)
+    f, p = items[0]["feats"].shape[1], items[0]["pos"].shape[1]
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    types = torch.zeros((b, t), dtype=torch.long)
+    text_mask = torch.zeros((b, t), dtype=torch.bool)
+    feats, pos = torch.zeros((b, r, f)), torch.zeros((b, r, p))
+    img_mask = torch.zeros((b, r), dtype=torch.bool)
+    for i, x in enumerate(items):
+        n, k = len(x["ids"]), len(x["feats"])
+        ids[i, :n] = torch.as_tensor(x["ids"])
+        types[i, :n] = torch.as_tensor(x["types"])
+        valid = x.get("text_valid")
+        text_mask[i, :n] = True if valid is None else torch.as_tensor(valid, dtype=torch.bool)
+        if k:
+            feats[i, :k] = torch.from_numpy(x["feats"].astype(np.float32))
+            pos[i, :k] = torch.from_numpy(x["pos"])
+            img_mask[i, :k] = True
+    return {"input_ids": ids, "token_type_ids": types, "text_mask": text_mask,
+            "img_feats": feats, "img_pos": pos, "img_mask": img_mask}
+
+
+def test_collator_gives_what_the_plain_code_gave() -> None:
+    from vlp_cli.benches.collate import CollateScale, synthetic_items
+    from vlp_cli.data.datasets import Collator
+
+    items = synthetic_items(7, CollateScale(12, 4, 6), seed=2)
+    items[2] = {**items[2], "feats": items[2]["feats"][:0], "pos": items[2]["pos"][:0]}
+    items[3] = {**items[3], "text_valid": [1, 0] * (len(items[3]["ids"]) // 2)
+                + [1] * (len(items[3]["ids"]) % 2)}
+    for batch in (items, [[items[0], items[1]], [items[2], items[3]]]):
+        got, want = Collator(5)(batch), _collate_plain(5, batch)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def test_new_benches_are_well_formed() -> None:
+    from vlp_cli.benches.collate import CollateScale, bench_collate
+    from vlp_cli.benches.common import spread
+    from vlp_cli.benches.padding import _part, coco_like
+    from vlp_cli.benches.train_step import bench_train_step
+
+    assert spread([3.0, 1.0, 2.0]) == [1.0, 2.0, 3.0]
+    r = bench_collate(reps=2, batch_size=4, batches=2,
+                      scales={"demo": CollateScale(10, 3, 8), "paper": CollateScale(10, 5, 16)})
+    assert r["unit"] == "examples/s" and len(r["parts"]["demo"]["ratios"]) == 2
+    assert r["ratio"] == r["parts"]["demo"]["ratio"] > 0 and len(r["spread"]) == 3
+    text, regions = coco_like(3000)
+    part = _part(text, regions, 64, 1024, 2, 0.03)
+    also = part["also"]
+    assert part["direction"] == "<=" and len(part["ratios"]) == 2
+    # Buckets pad less than random batches, and packing pads less than two separate maxima.
+    assert part["ratio"] < also["fixed"]["ratio"]
+    assert also["bucketed, packed"]["ratio"] < part["ratio"]
+    r = bench_train_step(reps=1, examples=16, batch_size=8, dim=8, max_text=35,
+                         bert={"hidden_size": 32, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "intermediate_size": 37})
+    assert r["vlp_per_s"] > 0 and r["padded_per_s"] > 0 and len(r["ratios"]) == 1
+    assert r["attention"] == ["sdpa", "eager"] and r["positions_ratio"] > 1
+
+
+@pytest.mark.slow
+def test_padding_bench_is_well_formed() -> None:
+    from vlp_cli.benches.padding import bench_padding
+
+    r = bench_padding(reps=1, images=12, coco_examples=2000)
+    assert set(r["parts"]) == {"easy-vqa", "coco-like"} and r["direction"] == "<="
+    assert all(0 <= p["ratio"] < 1 for p in r["parts"].values())

@@ -576,7 +576,7 @@ def ablate(
 @_friendly
 def bench(
     name: Annotated[str, typer.Argument(help="pipeline | extract | store-read | extract-memory "
-                                              "| ipot | all")],
+                                              "| padding | collate | train-step | ipot | all")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results here.")]
     = None,
     reps: Annotated[int, typer.Option(help="Measured repetitions (after one warm-up).")] = 5,

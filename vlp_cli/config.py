@@ -99,8 +99,19 @@ class TrainCfg:
     log_every: int = num(20, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     num_workers: int = num(0, ge=0)  # DataLoader workers per process
+    # "fixed": batches of `batch_size` examples. "units" (UNITER): length-bucketed batches of
+    # at most `max_units` padded positions (longest member's text tokens + regions, times the
+    # count), sorted within buckets of `bucket_size` shuffled examples (data/buckets.py);
+    # `batch_size` then only sizes the held-out batches.
+    batching: Literal["fixed", "units"] = "fixed"
+    max_units: int = num(10240, ge=1, why="UNITER: 10240")
+    bucket_size: int = num(8192, ge=1, why="UNITER: 8192")
 
     def problems(self, k: Key) -> Iterator[str]:
+        if self.batching == "units" and self.max_units < 8:
+            yield (f"'{k('max_units')}' ({self.max_units}) is a budget of padded positions per "
+                   f"batch (longest example x count): it must hold at least one example, "
+                   f"e.g. --set {k('max_units')}=10240 (UNITER's)")
         if self.warmup_steps > self.steps:
             # Refused rather than scaled: a schedule that silently changes is worse.
             yield (f"'{k('warmup_steps')}' ({self.warmup_steps}) is more than "

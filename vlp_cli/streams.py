@@ -116,6 +116,8 @@ class Stream:
         return self.sampler.per_rank
 
     def restore(self, epoch: int, position: int) -> None:
+        # A length-bucket sampler's batch count depends on the epoch: ask it for this one.
+        self.sampler.set_position(epoch, position)
         if position >= self.per_rank:
             epoch, position = epoch + 1, 0
         self.epoch, self.position, self._it = epoch, position, None

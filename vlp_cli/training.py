@@ -86,6 +86,30 @@ def make_accelerator(cfg: TrainCfg, mixed: bool = False) -> Any:
                        cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
+def _sampler(task: TrainTask, cfg: TrainCfg, seed: int, rank: int, world: int,
+             cfg_key: str) -> Any | None:
+    """The task's own batch sampler; else, with `batching: units`, length buckets over its
+    dataset's `lengths()`; else None (the Stream's fixed-size EpochBatches)."""
+    if task.sampler is not None or cfg.batching == "fixed":
+        return task.sampler
+    from vlp_cli.data.buckets import BucketBatches
+
+    if not hasattr(task.dataset, "lengths"):
+        raise VlpError(f"{cfg_key}.batching 'units' needs the lengths of {task.name}'s examples, "
+                       "which its dataset does not give; use batching 'fixed'")
+    lengths = task.dataset.lengths()
+    longest = int(lengths.max()) if len(lengths) else 0
+    if longest > cfg.max_units:
+        raise VlpError(f"{cfg_key}.max_units ({cfg.max_units}) is less than the longest "
+                       f"{task.name} example ({longest} input units: text tokens + regions); "
+                       f"raise it to at least {longest} (UNITER: 10240)")
+    logger.info("%s: batches of at most %d input units (examples of %d to %d, mean %.1f)",
+                task.name, cfg.max_units, int(lengths.min()) if len(lengths) else 0, longest,
+                float(lengths.mean()) if len(lengths) else 0.0)
+    return BucketBatches(lengths, cfg.max_units, seed, rank, world, cfg.grad_accum,
+                         cfg.bucket_size)
+
+
 def _optimizer(model: torch.nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -226,12 +250,17 @@ def train(
     out_dir = Path(out_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
     streams = [Stream(t.dataset, t.collate, cfg.batch_size, seed, rank, world, cfg.grad_accum,
-                      cfg.num_workers, t.sampler) for t in tasks]
+                      cfg.num_workers, _sampler(t, cfg, seed, rank, world, cfg_key))
+               for t in tasks]
     for t, stream in zip(tasks, streams):
         if stream.per_rank == 0:
             per = f" per process ({world} processes)" if world > 1 else ""
             accum = f" x {cfg.grad_accum} accumulated" if cfg.grad_accum > 1 else ""
             what = f"{description} ({t.name})" if mixed else description
+            if cfg.batching == "units" and t.sampler is None:
+                raise VlpError(f"{what}: {len(t.dataset)} training examples give fewer than "
+                               f"{cfg.grad_accum * world} batches of {cfg.max_units} units"
+                               f"{per}; lower {cfg_key}.max_units")
             raise VlpError(f"{what}: {len(t.dataset)} training examples give no full batch of "
                            f"{cfg.batch_size}{accum}{per}; lower {cfg_key}.batch_size")
     ratios = np.array([t.ratio for t in tasks], dtype=np.float64)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from vlp_cli import VlpError
+from vlp_cli.benches.common import spread
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def bench_extract_memory(reps: int, small: int = 1000, large: int = 4000,
     med = statistics.median(ratios)
     peak = {n: max(r["peak_mib"] for r in runs[n]) for n in runs}
     return {"ratio": round(med, 3), "target": target, "direction": "<=", "met": med <= target,
-            "ratios": [round(r, 3) for r in ratios],
+            "ratios": [round(r, 3) for r in ratios], "spread": spread(ratios),
             # The peak is set within the first few batches and lands in one of two modes
             # ~100 MiB apart (allocator state), at any image count: the highest peak of each
             # size is the steadier comparison.

@@ -61,22 +61,26 @@ class Collator:
         r = max(max(len(x["feats"]) for x in items), 1)
         f = items[0]["feats"].shape[1]
         p = items[0]["pos"].shape[1]
-        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
-        types = torch.zeros((b, t), dtype=torch.long)
-        text_mask = torch.zeros((b, t), dtype=torch.bool)
+        # Text as one tensor from padded lists and the masks from the lengths: a tensor per
+        # item and field costs more than the copies themselves at the demo's sizes.
+        lens = [len(x["ids"]) for x in items]
+        ids = torch.tensor([[*x["ids"], *[self.pad_id] * (t - n)] for x, n in zip(items, lens)],
+                           dtype=torch.long)
+        types = torch.tensor([[*x["types"], *[0] * (t - n)] for x, n in zip(items, lens)],
+                             dtype=torch.long)
+        text_mask = torch.arange(t)[None] < torch.tensor(lens)[:, None]
+        for i, x in enumerate(items):
+            valid = x.get("text_valid")
+            if valid is not None:
+                text_mask[i, :lens[i]] = torch.as_tensor(valid, dtype=torch.bool)
         feats = torch.zeros((b, r, f), dtype=torch.float32)
         pos = torch.zeros((b, r, p), dtype=torch.float32)
-        img_mask = torch.zeros((b, r), dtype=torch.bool)
-        for i, x in enumerate(items):
-            n, k = len(x["ids"]), len(x["feats"])
-            ids[i, :n] = torch.as_tensor(x["ids"])
-            types[i, :n] = torch.as_tensor(x["types"])
-            valid = x.get("text_valid")
-            text_mask[i, :n] = True if valid is None else torch.as_tensor(valid, dtype=torch.bool)
+        counts = [len(x["feats"]) for x in items]
+        img_mask = torch.arange(r)[None] < torch.tensor(counts)[:, None]
+        for i, (x, k) in enumerate(zip(items, counts)):
             if k:
                 rows_into(feats[i, :k], x["feats"])
                 rows_into(pos[i, :k], x["pos"])
-                img_mask[i, :k] = True
         batch = {"input_ids": ids, "token_type_ids": types, "text_mask": text_mask,
                  "img_feats": feats, "img_pos": pos, "img_mask": img_mask}
         if self.hook is not None:

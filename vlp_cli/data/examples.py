@@ -109,6 +109,39 @@ class ExampleBuilder:
         tags = [int(x) for x in r.class_ids if x >= 0] if c.use_tags else []
         return ImageInput(feats, pos, tags, classes, probs, has_image)
 
+    def image_sizes(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(regions, tag word pieces) that `regions` gives each image, as int arrays.
+
+        For length-bucketed batching: one read of each distinct image's record (a view, no
+        copy, the class distribution neither read nor checked), a few microseconds each.
+        """
+        c = self.cfg
+        seen: dict[str, tuple[int, int]] = {}
+        for key in keys:
+            if key in seen:
+                continue
+            try:
+                r = self.features.get_selected(key, c.conf_th, c.min_boxes, c.max_boxes,
+                                               copy=False, probs=False)
+            except KeyError:
+                raise VlpError(f"image {key!r} is not in feature store {self.features.path}: "
+                               "extract it, or pass the store the corpus was built on") from None
+            has_image = int(c.image_region and r.image_feature is not None)
+            n = min(len(r), max(c.max_regions - has_image, 0))
+            tags = len(self.tag_ids([int(x) for x in r.class_ids[:n] if x >= 0])) \
+                if c.use_tags else 0
+            seen[key] = (n + has_image, tags)
+        sizes = np.array([seen[k] for k in keys], np.int64).reshape(-1, 2)
+        return sizes[:, 0], sizes[:, 1]
+
+    @staticmethod
+    def text_lengths(words: np.ndarray, tags: np.ndarray, max_len: int) -> np.ndarray:
+        """Lengths `text` gives (words, tag pieces) pairs: `[CLS] a [SEP] b [SEP]` within
+        max_len, or `[CLS] a [SEP]` without tags."""
+        words, tags = np.asarray(words, np.int64), np.asarray(tags, np.int64)
+        return np.where(tags > 0, np.minimum(words + tags, max_len - 3) + 3,
+                        np.minimum(words, max_len - 2) + 2)
+
     def tag_classes(self, key: str) -> list[int]:
         """Only the tags of an image (for Oscar's polluted-tag negatives)."""
         return self.regions(key).tag_classes
@@ -168,6 +201,8 @@ class TaskDataset:
     files import without torch.
     """
 
+    max_text_len: int = 512  # BERT's positions; every task dataset sets its own
+
     def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray, seed: int):
         self.corpus = corpus
         self.builder = builder
@@ -180,6 +215,21 @@ class TaskDataset:
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(text tokens, regions) of each item of an Oscar-style example: its first text
+        segment with its first image's tags, and that image's regions. Exact for one-text
+        examples (an upper bound with several); a task whose items differ overrides it."""
+        words = self.corpus.lengths[self.indices]
+        images = [self.corpus.get(int(i))["images"][0] for i in self.indices]
+        regions, tags = self.builder.image_sizes(images)
+        return self.builder.text_lengths(words, tags, self.max_text_len), regions
+
+    def lengths(self) -> np.ndarray:
+        """Input units (text tokens + regions) of each item, for length-bucketed batches
+        (`data.buckets`)."""
+        text, regions = self.sizes()
+        return text + regions
 
     def rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, int(i)])

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 from vlp_cli import VlpError
 from vlp_cli.benches import BENCHES
+from vlp_cli.benches.common import spread
+
+
+def _spread(r: dict) -> str:
+    low, med, high = r.get("spread") or spread(r.get("ratios") or [0.0])
+    return f"min/median/max {low}/{med}/{high}"
 
 
 def run(name: str, reps: int = 5) -> dict:
@@ -23,10 +29,15 @@ def run(name: str, reps: int = 5) -> dict:
             results[n] = r
             verdict = "met" if r["met"] else "MISSED"
             direction = r.get("direction", ">=")
-            out.print(f"[bold]{n}[/]: ratio {r['ratio']} (target {direction} {r['target']}, "
-                      f"{verdict}); per-rep {r['ratios']}")
+            what = r.get("unit", "ratio")
+            out.print(f"[bold]{n}[/]: {what} {r['ratio']} (target {direction} {r['target']}, "
+                      f"{verdict}); per-rep {r['ratios']}; {_spread(r)}")
             for part, pr in (r.get("parts") or {}).items():
-                out.print(f"  {part}: ratio {pr.get('ratio')} per-rep {pr.get('ratios')}")
+                out.print(f"  {part}: {pr.get('unit', 'ratio')} {pr.get('ratio')} per-rep "
+                          f"{pr.get('ratios')}; {_spread(pr)}")
+                for extra, er in (pr.get("also") or {}).items():
+                    out.print(f"    {extra}: {er.get('unit', 'ratio')} {er.get('ratio')} "
+                              f"per-rep {er.get('ratios')}; {_spread(er)}")
                 if "checksum" in pr:  # store-read: what verifying each record costs
                     cs = pr["checksum"]
                     out.print(f"    record checksum: {cs['us_per_record']} us per "

@@ -54,6 +54,14 @@ class CaptionDataset(TaskDataset):
                 "text_valid": valid, "causal": a_len}
         return item, len(cap)
 
+    def sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        # The caption segment has a fixed length; tags fill what is left of max_text_len.
+        images = [self.corpus.get(int(i))["images"][0] for i in self.indices]
+        regions, tags = self.builder.image_sizes(images)
+        a_len = self.cfg.max_caption_len + 2
+        tags = np.minimum(tags, max(self.max_text_len - a_len - 1, 0))
+        return a_len + tags + (tags > 0), regions
+
     def __getitem__(self, i: int) -> dict:
         rng = self.rng(i)
         ex = self.corpus.get(int(self.indices[i]))

@@ -51,6 +51,10 @@ class RetrievalTrainDataset(TaskDataset):
         text = self.builder.text(words, self.builder.tag_ids(img.tag_classes), self.max_text_len)
         return self.item(text, img, match=match)
 
+    def lengths(self) -> np.ndarray:
+        # An item is two sequences (matched and unmatched) of about the caption's length.
+        return 2 * super().lengths()
+
     def negative_example(self, rng: np.random.Generator, i: int, image: str) -> dict:
         if self.shared_tag_negatives > 0 and rng.random() < self.shared_tag_negatives:
             group = self.tag_groups[self.tags_of[i]]

@@ -1,0 +1,157 @@
+"""Length-bucketed batches (UNITER's input-unit budget): the sampler, the datasets' lengths,
+the recipe keys, and an exact resume of a run batched by units."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_recipe_obj
+from vlp_cli import VlpError
+from vlp_cli.data.buckets import BucketBatches, bucket_batches
+from vlp_cli.tasks import TASKS, Context
+
+
+def _lengths(n: int = 1000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(8, 35, n) + rng.integers(10, 51, n)
+
+
+def test_every_example_once_within_the_budget_in_multiples_of_8() -> None:
+    lengths = _lengths()
+    batches = bucket_batches(lengths, 1024, 256, np.random.default_rng(3))
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(len(lengths)))
+    for b in batches:
+        assert lengths[b].max() * len(b) <= 1024
+    # Every batch but each bucket's last holds a multiple of 8 (4 buckets of 256 here).
+    assert sum(len(b) % 8 != 0 for b in batches) <= 4
+    # Sorted buckets: little padding, far less than random batches of the same mean size.
+    pad = sum(lengths[b].max() * len(b) - lengths[b].sum() for b in batches) / \
+        sum(lengths[b].max() * len(b) for b in batches)
+    assert pad < 0.05
+
+
+def test_one_example_over_a_tiny_budget_and_the_longest_example_checked() -> None:
+    lengths = np.array([5, 9, 7])
+    batches = bucket_batches(lengths, 10, 8, np.random.default_rng(0))
+    assert sorted(len(b) for b in batches) == [1, 1, 1]
+    with pytest.raises(ValueError, match="9 input units"):
+        BucketBatches(lengths, 8, 0, 0, 1, 1)
+
+
+def test_ranks_take_distinct_batches_the_same_number_and_resume_mid_epoch() -> None:
+    lengths = _lengths(700)
+    world, accum = 3, 2
+    samplers = [BucketBatches(lengths, 600, 5, r, world, accum, bucket_size=128)
+                for r in range(world)]
+    for epoch in (0, 1):
+        per = set()
+        got = []
+        for s in samplers:
+            s.set_position(epoch, 0)
+            per.add(s.per_rank)
+            got.append(list(s))
+            assert len(got[-1]) == s.per_rank == len(s)
+        assert len(per) == 1 and per.pop() % accum == 0
+        flat = [i for batches in got for b in batches for i in b]
+        assert len(flat) == len(set(flat))  # no example twice in an epoch
+    s = samplers[1]
+    s.set_position(1, 0)
+    whole = list(s)
+    s.set_position(1, 4)
+    assert list(s) == whole[4:] and len(s) == len(whole) - 4
+    # The order depends on (seed, epoch) alone: a new sampler gives the same batches.
+    again = BucketBatches(lengths, 600, 5, 1, world, accum, bucket_size=128)
+    again.set_position(1, 0)
+    assert list(again) == whole
+    s.set_position(0, 0)
+    assert list(s) != whole
+
+
+@pytest.fixture(scope="module")
+def ctx(tiny_data: dict) -> Context:
+    from vlp_cli.checkpoint import load_tokenizer
+    from vlp_cli.data.examples import ExampleBuilder
+    from vlp_cli.stores.corpus import Corpus
+    from vlp_cli.stores.features import FeatureStore
+
+    recipe = tiny_recipe_obj()
+    tok = load_tokenizer("embedded:minilm")
+    builder = ExampleBuilder(tok, FeatureStore(tiny_data["features"]), recipe.data)
+    return Context(recipe, Corpus(tiny_data["corpus"]), builder, tok)
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_dataset_lengths_are_the_items_lengths(ctx: Context, name: str) -> None:
+    """Exact where an item is its example as stored; close where a task changes it at random
+    (Oscar's polluted tags, a retrieval negative's other image)."""
+    task = TASKS[name].bind(ctx.recipe)
+    task = task.bind(ctx.recipe, task.prepare(ctx))
+    ds = task.dataset(ctx, "train", 0)
+    lengths = ds.lengths()
+    assert lengths.shape == (len(ds),) and lengths.dtype.kind == "i" and (lengths > 0).all()
+    actual = []
+    for i in range(len(ds)):
+        item = ds[i]
+        members = item if isinstance(item, list) else [item]
+        actual.append(sum(len(x["ids"]) + len(x["feats"]) for x in members))
+    actual = np.array(actual)
+    if name in ("vqa", "captioning"):
+        np.testing.assert_array_equal(lengths, actual)
+    else:
+        assert np.abs(lengths - actual).mean() <= 0.25 * actual.mean()
+
+
+def test_recipe_keys_and_their_one_line_errors() -> None:
+    from vlp_cli.config import load_recipe
+
+    r = load_recipe("tiny", ["pretrain.train.batching=units", "pretrain.train.max_units=4096"])
+    assert (r.pretrain.train.batching, r.pretrain.train.max_units,
+            r.pretrain.train.bucket_size) == ("units", 4096, 8192)
+    with pytest.raises(VlpError, match="'pretrain.train.batching' must be one of fixed, units"):
+        load_recipe("tiny", ["pretrain.train.batching=tokens"])
+    with pytest.raises(VlpError, match="'vqa.train.max_units' .* at least one example"):
+        load_recipe("tiny", ["vqa.train.batching=units", "vqa.train.max_units=4"])
+
+
+def _pretrain(tiny_data: dict, out: Path, extra: list[str] = (), **kw: object) -> None:
+    from conftest import tiny_recipe_sets
+    from vlp_cli.config import load_recipe
+    from vlp_cli.stages import pretrain
+
+    recipe = load_recipe("tiny", tiny_recipe_sets() + [
+        "pretrain.train.steps=12", "pretrain.train.save_every=0", "pretrain.train.log_every=1",
+        "pretrain.train.eval_every=0", "pretrain.train.batching=units",
+        "pretrain.train.max_units=40", *extra])
+    pretrain.run(recipe, tiny_data["corpus"], tiny_data["features"], out, **kw)
+
+
+def test_a_run_batched_by_units_resumes_exactly(tiny_data: dict, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors.torch import load_file
+
+    from test_resume import _signal_at
+    from vlp_cli.training import Interrupted
+
+    ref = tmp_path / "ref"
+    _pretrain(tiny_data, ref)
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        # 8 batches an epoch here (of 1 or 2 examples): saved at step 10, in the second epoch.
+        _signal_at(m, "step:mid", 9)
+        with pytest.raises(Interrupted, match="at step 10"):
+            _pretrain(tiny_data, out)
+    _pretrain(tiny_data, out, resume=True)
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[{k: v for k, v in json.loads(x).items() if k != "elapsed_s"}
+             for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (ref, out)]
+    assert rows[0] == rows[1] and len([r for r in rows[1] if r["split"] == "train"]) == 12
+    with pytest.raises(VlpError, match="pretrain.train.max_units \\(10\\) is less than the "
+                                       "longest oscar example"):
+        _pretrain(tiny_data, tmp_path / "small", ["pretrain.train.max_units=10"])

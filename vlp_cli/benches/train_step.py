@@ -1,0 +1,89 @@
+"""The `train-step` benchmark: forward + backward examples/s, vlp's batching / Oscar's padding.
+
+Both arms run the same model (a BERT-mini-sized `VLPModel`: hidden 256, 4 layers, 4 heads,
+2048-d region features, random weights; the same weights in both) over the same examples,
+whose lengths follow the padding benchmark's COCO-like distribution:
+
+- padded: `transformers.BertModel` with eager attention, every example padded to the recipe's
+  maximum text length and region count (35 + 50), fixed batches of 32: as the Oscar code pads.
+- vlp: SDPA attention (transformers' default), length-bucketed batches (`data.buckets`, budget
+  32 x 85 units: the fixed batch's size) padded to each batch's own lengths.
+
+A repetition is one pass over the examples in each arm, interleaved (`common.interleave`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+
+from vlp_cli.benches.common import interleave, ratio_summary
+from vlp_cli.benches.padding import coco_like, fixed_batches
+from vlp_cli.data.buckets import bucket_batches
+
+MINI = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+        "intermediate_size": 1024}
+
+
+def _batch(text: np.ndarray, regions: np.ndarray, t: int, r: int, dim: int,
+           g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Inputs of one batch padded to (t, r): the model's forward arguments."""
+    b = len(text)
+    ids = torch.randint(1000, 2000, (b, t), generator=g)
+    text_mask = torch.arange(t)[None] < torch.as_tensor(text)[:, None]
+    img_mask = torch.arange(r)[None] < torch.as_tensor(regions)[:, None]
+    return (ids, torch.zeros_like(ids), text_mask, torch.randn(b, r, dim, generator=g),
+            torch.rand(b, r, 7, generator=g), img_mask)
+
+
+def bench_train_step(reps: int, examples: int = 128, batch_size: int = 32,
+                     bert: dict | None = None, dim: int = 2048, max_text: int = 35,
+                     max_regions: int = 50, target: float = 1.5) -> dict:
+    """Forward + backward examples/s: bucketed batches at their own lengths with SDPA /
+    fixed batches padded to the maxima with eager attention."""
+    from vlp_cli.model import ModelConfig, VLPModel, tiny_bert
+
+    text, regions = coco_like(examples, seed=1)
+    units = text + regions
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    fixed = [_batch(text[b], regions[b], max_text, max_regions, dim, g)
+             for b in fixed_batches(examples, batch_size, rng)]
+    budget = batch_size * (max_text + max_regions)
+    ours = [_batch(text[b], regions[b], int(text[b].max()), int(regions[b].max()), dim, g)
+            for b in bucket_batches(units, budget, 8192, rng)]
+    config = {**tiny_bert(30522), **(bert or MINI), "hidden_dropout_prob": 0.1,
+              "attention_probs_dropout_prob": 0.1}
+    torch.manual_seed(0)
+    model = VLPModel(ModelConfig(bert=config, img_feat_dim=dim, pos_dim=7, heads=[]), seed=0)
+    baseline = copy.deepcopy(model)
+    baseline.bert.set_attn_implementation("eager")
+    model.train()
+    baseline.train()
+
+    def run(m: VLPModel, batches: list[tuple[torch.Tensor, ...]]) -> float:
+        start = time.perf_counter()
+        n = 0
+        for inputs in batches:
+            m(*inputs).mean().backward()
+            n += len(inputs[0])
+        m.zero_grad(set_to_none=True)
+        return n / (time.perf_counter() - start)
+
+    rates = interleave({"vlp": lambda: run(model, ours),
+                        "padded": lambda: run(baseline, fixed)}, reps)
+    result = ratio_summary(rates, "vlp", "padded", target)
+    fixed_pos = sum(x[0].numel() + x[5].numel() for x in fixed)
+    ours_pos = sum(x[0].numel() + x[5].numel() for x in ours)
+    result.update(name="train-step", examples=examples, batch_size=batch_size,
+                  max_units=budget, bucketed_batches=len(ours),
+                  positions_ratio=round(fixed_pos / ours_pos, 3),
+                  attention=[model.bert.config._attn_implementation,
+                             baseline.bert.config._attn_implementation],
+                  model={k: config[k] for k in MINI} | {"img_feat_dim": dim},
+                  what="forward+backward examples/s: length buckets at their own lengths "
+                       "(SDPA) / Oscar-style padding to 35 + 50 (eager)")
+    return result

@@ -1,0 +1,102 @@
+"""Batches by input units (UNITER's length buckets): a budget of positions, not of examples.
+
+A fixed batch of B examples is padded to its longest member; with captions of 8 to 30 tokens
+and 10 to 100 regions most of it is padding. UNITER instead shuffles, cuts the order into
+buckets of `bucket_size` examples, sorts each bucket by length and fills a batch until
+(longest member) x (count) would exceed `max_units`: batches of short examples hold many,
+batches of long ones few, and each is padded only to lengths close to its members'.
+
+`BucketBatches` follows `streams.EpochBatches`'s protocol (`set_position`, `per_rank`,
+`__len__`, `__iter__` of index lists), so the training loop's `Stream` takes it unchanged and
+a saved (epoch, position) still resumes exactly: the batches of an epoch come from
+(seed, epoch) alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+# Batch sizes are rounded down to a multiple of this (when at least this many fit), as in
+# UNITER: tensor-core and vectorised kernels like multiples of 8.
+MULTIPLE = 8
+
+
+def bucket_batches(lengths: np.ndarray, max_units: int, bucket_size: int,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches (arrays of indices into `lengths`), in a shuffled order.
+
+    Within a bucket the examples are sorted longest first, so a batch's first member sets its
+    padded length and its size is known at once: `max_units // length`, rounded down to a
+    multiple of 8 when at least 8 fit (one example when even one does not). The last batch of
+    a bucket holds what is left of it.
+    """
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    for lo in range(0, len(order), bucket_size):
+        bucket = order[lo:lo + bucket_size]
+        # Stable, longest first: ties keep the shuffled order.
+        bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
+        p = 0
+        while p < len(bucket):
+            fit = max_units // max(int(lengths[bucket[p]]), 1)
+            count = fit - fit % MULTIPLE if fit >= MULTIPLE else max(fit, 1)
+            batches.append(bucket[p:p + count])
+            p += count
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+class BucketBatches(Sampler[list[int]]):
+    """This process's length-bucketed batches of one epoch, from a position inside it.
+
+    Every process builds the same list of batches from (seed, epoch) and takes every
+    `world`-th one (`rank`, `rank + world`, ...), so processes see distinct examples. Each
+    takes the same number of batches, a multiple of `grad_accum` (the remainder of the epoch
+    is dropped): an epoch holds whole accumulation windows on every process, and `per_rank`
+    is defined (UNITER's sampler has no length). It may differ by a batch or two between
+    epochs; it is that of the epoch set by `set_position`.
+
+    Args:
+        lengths: input units (text tokens + regions) of each dataset item.
+        max_units: the budget: (longest member) x (count) of a batch stays within it.
+        seed, rank, world, grad_accum: as `streams.EpochBatches`.
+        bucket_size: examples sorted together (UNITER: 8192).
+    """
+
+    def __init__(self, lengths: np.ndarray, max_units: int, seed: int, rank: int, world: int,
+                 grad_accum: int, bucket_size: int = 8192):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if len(self.lengths) and int(self.lengths.max()) > max_units:
+            raise ValueError(f"the longest example has {int(self.lengths.max())} input units, "
+                             f"more than max_units={max_units}")
+        self.max_units, self.bucket_size = int(max_units), int(bucket_size)
+        self.seed, self.rank, self.world, self.grad_accum = seed, rank, world, grad_accum
+        self.epoch, self.start = 0, 0
+        self._cached: tuple[int, list[np.ndarray]] | None = None
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Every process's batches of an epoch, in order (built once per epoch)."""
+        if self._cached is None or self._cached[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._cached = (epoch, bucket_batches(self.lengths, self.max_units,
+                                                  self.bucket_size, rng))
+        return self._cached[1]
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    @property
+    def per_rank(self) -> int:
+        """Batches per epoch on this process (the epoch of `set_position`)."""
+        n = len(self.batches(self.epoch))
+        return n // self.world // self.grad_accum * self.grad_accum
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.batches(self.epoch)
+        for i in range(self.start, self.per_rank):
+            yield batches[i * self.world + self.rank].tolist()
