@@ -365,7 +365,7 @@ def test_new_benches_are_well_formed() -> None:
     from vlp_cli.benches.collate import CollateScale, bench_collate
     from vlp_cli.benches.common import spread
     from vlp_cli.benches.padding import _part, coco_like
-    from vlp_cli.benches.train_step import bench_train_step
+    from vlp_cli.benches.train_step import _measure
 
     assert spread([3.0, 1.0, 2.0]) == [1.0, 2.0, 3.0]
     r = bench_collate(reps=2, batch_size=4, batches=2,
@@ -379,11 +379,21 @@ def test_new_benches_are_well_formed() -> None:
     # Buckets pad less than random batches, and packing pads less than two separate maxima.
     assert part["ratio"] < also["fixed"]["ratio"]
     assert also["bucketed, packed"]["ratio"] < part["ratio"]
-    r = bench_train_step(reps=1, examples=16, batch_size=8, dim=8, max_text=35,
-                         bert={"hidden_size": 32, "num_hidden_layers": 1,
-                               "num_attention_heads": 2, "intermediate_size": 37})
+    t, g = coco_like(16)
+    r = _measure(1, t, g, 8, {"hidden_size": 32, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "intermediate_size": 37}, 8, 35, 50, 1.5)
     assert r["vlp_per_s"] > 0 and r["padded_per_s"] > 0 and len(r["ratios"]) == 1
     assert r["attention"] == ["sdpa", "eager"] and r["positions_ratio"] > 1
+
+
+@pytest.mark.slow
+def test_train_step_bench_judges_the_demo_lengths() -> None:
+    from vlp_cli.benches.train_step import bench_train_step
+
+    r = bench_train_step(reps=1, examples=16, batch_size=8, demo_images=12,
+                         bert={"hidden_size": 32, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "intermediate_size": 37})
+    assert "35 + 10" in r["what"] and r["coco_like"]["ratio"] > 0
 
 
 @pytest.mark.slow

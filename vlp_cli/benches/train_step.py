@@ -1,13 +1,18 @@
 """The `train-step` benchmark: forward + backward examples/s, vlp's batching / Oscar's padding.
 
 Both arms run the same model (a BERT-mini-sized `VLPModel`: hidden 256, 4 layers, 4 heads,
-2048-d region features, random weights; the same weights in both) over the same examples,
-whose lengths follow the padding benchmark's COCO-like distribution:
+random weights; the same weights in both) over the same examples:
 
 - padded: `transformers.BertModel` with eager attention, every example padded to the recipe's
-  maximum text length and region count (35 + 50), fixed batches of 32: as the Oscar code pads.
+  maximum text length and region count, fixed batches of 32: as the Oscar code pads.
 - vlp: SDPA attention (transformers' default), length-bucketed batches (`data.buckets`, budget
-  32 x 85 units: the fixed batch's size) padded to each batch's own lengths.
+  32 x (max text + max regions) units: the fixed batch's size) padded to each batch's own
+  lengths.
+
+Two length distributions: the demo corpus's own training examples (the tiny recipe: 35 + 10,
+1280-d features; the target), and the padding benchmark's COCO-like one (35 + 50, 2048-d;
+reported: text and regions are padded separately, so bucketing by their sum leaves more
+padding there).
 
 A repetition is one pass over the examples in each arm, interleaved (`common.interleave`).
 """
@@ -40,13 +45,30 @@ def _batch(text: np.ndarray, regions: np.ndarray, t: int, r: int, dim: int,
 
 
 def bench_train_step(reps: int, examples: int = 128, batch_size: int = 32,
-                     bert: dict | None = None, dim: int = 2048, max_text: int = 35,
-                     max_regions: int = 50, target: float = 1.5) -> dict:
+                     bert: dict | None = None, target: float = 1.5,
+                     demo_images: int = 96) -> dict:
+    """The demo corpus's lengths (judged) and COCO-like lengths (reported)."""
+    from vlp_cli.benches.padding import easy_vqa_sizes
+
+    text, regions, _ = easy_vqa_sizes(demo_images)
+    pick = np.random.default_rng(2).choice(len(text), size=min(examples, len(text)),
+                                           replace=False)
+    demo = _measure(reps, text[pick], regions[pick], batch_size, bert, 1280, 35, 10, target)
+    ct, cr = coco_like(examples, seed=1)
+    coco = _measure(reps, ct, cr, batch_size, bert, 2048, 35, 50, target)
+    demo["coco_like"] = {k: coco[k] for k in ("ratio", "ratios", "spread", "positions_ratio")
+                         if k in coco}
+    return demo
+
+
+def _measure(reps: int, text: np.ndarray, regions: np.ndarray, batch_size: int,
+             bert: dict | None, dim: int, max_text: int, max_regions: int,
+             target: float) -> dict:
     """Forward + backward examples/s: bucketed batches at their own lengths with SDPA /
     fixed batches padded to the maxima with eager attention."""
     from vlp_cli.model import ModelConfig, VLPModel, tiny_bert
 
-    text, regions = coco_like(examples, seed=1)
+    examples = len(text)
     units = text + regions
     rng = np.random.default_rng(0)
     g = torch.Generator().manual_seed(0)
@@ -85,5 +107,5 @@ def bench_train_step(reps: int, examples: int = 128, batch_size: int = 32,
                              baseline.bert.config._attn_implementation],
                   model={k: config[k] for k in MINI} | {"img_feat_dim": dim},
                   what="forward+backward examples/s: length buckets at their own lengths "
-                       "(SDPA) / Oscar-style padding to 35 + 50 (eager)")
+                       f"(SDPA) / Oscar-style padding to {max_text} + {max_regions} (eager)")
     return result
