@@ -88,6 +88,7 @@ class TrainCfg:
     # held-out metrics every N optimiser steps (0: only at the end)
     eval_every: int = num(200, ge=0)
     eval_batches: int = num(20, ge=0)  # held-out batches per evaluation (0: the whole split)
+    eval_at_start: bool = False  # also before the first step: where each statistic starts
     # Crash safety: the whole training state (runstate.py) is saved every `save_every` steps
     # (0: not by count), at least every `save_minutes` of wall time (0: not by time), on
     # SIGTERM/SIGINT and at the end; the newest `keep_states` are kept.

@@ -336,6 +336,20 @@ def train(
             save_fn(accelerator.unwrap_model(module).model, step)
         accelerator.wait_for_everyone()
 
+    def held_out() -> dict:
+        held = {}
+        for i, (t, ev) in enumerate(zip(tasks, eval_loaders)):
+            if ev is not None:
+                held.update(_prefixed(evaluate_stats(module, ev, accelerator, cfg.eval_batches,
+                                                     i), t.name, mixed))
+        if accelerator.is_main_process:
+            _append(metrics_path, {"step": step, "split": "val", **held})
+            logger.info("step %d held-out: %s", step,
+                        ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
+        return held
+
+    if cfg.eval_at_start and step == 0 and any(ev is not None for ev in eval_loaders):
+        held = held_out()  # the untrained model: the level each statistic starts from
     start = last_save = time.time()
     module.train()
     with StopRequest() as stop, progress(disable=not accelerator.is_main_process) as bar:
@@ -397,15 +411,7 @@ def train(
                             f"{k} {last[k]:.3f}" for k in shown))
             if any(ev is not None for ev in eval_loaders) and (
                     (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                held = {}
-                for i, (t, ev) in enumerate(zip(tasks, eval_loaders)):
-                    if ev is not None:
-                        held.update(_prefixed(evaluate_stats(module, ev, accelerator,
-                                                             cfg.eval_batches, i), t.name, mixed))
-                if accelerator.is_main_process:
-                    _append(metrics_path, {"step": step, "split": "val", **held})
-                    logger.info("step %d held-out: %s", step,
-                                ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
+                held = held_out()
             if step >= cfg.steps:
                 break  # the final save follows
             if (cfg.save_every and step % cfg.save_every == 0) or flags[1] or flags[2]:

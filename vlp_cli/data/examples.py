@@ -202,6 +202,7 @@ class TaskDataset:
     """
 
     max_text_len: int = 512  # BERT's positions; every task dataset sets its own
+    with_tags: bool = True  # whether items carry the image's tags (UNITER's objectives: no)
 
     def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray, seed: int):
         self.corpus = corpus
@@ -223,6 +224,8 @@ class TaskDataset:
         words = self.corpus.lengths[self.indices]
         images = [self.corpus.get(int(i))["images"][0] for i in self.indices]
         regions, tags = self.builder.image_sizes(images)
+        if not self.with_tags:
+            tags = np.zeros_like(tags)
         return self.builder.text_lengths(words, tags, self.max_text_len), regions
 
     def lengths(self) -> np.ndarray:

@@ -36,14 +36,32 @@ def collect(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     return evals, captions, notes
 
 
+def pretraining_curves(run_dir: Path) -> dict[str, list[dict]]:
+    """The held-out rows of each pre-training run under run_dir (folder name -> rows)."""
+    curves = {}
+    for meta in sorted(Path(run_dir).rglob("meta.json")):
+        log = meta.parent / "metrics.jsonl"
+        try:
+            if json.loads(meta.read_text()).get("task") != "pretrain" or not log.is_file():
+                continue
+            rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        rows = [r for r in rows if r.get("split") == "val"]
+        if rows:
+            curves[meta.parent.name] = rows
+    return curves
+
+
 def show(run_dir: Path) -> None:
     from rich.table import Table
 
     from vlp_cli.console import out
 
     evals, captions, notes = collect(run_dir)
-    if not evals and not captions:
-        raise VlpError(f"{run_dir} holds no evaluation (metrics.json) or *captions*.jsonl")
+    if not evals and not captions and not pretraining_curves(run_dir):
+        raise VlpError(f"{run_dir} holds no evaluation (metrics.json), *captions*.jsonl or "
+                       "pre-training run")
     table = Table(title=f"vlp results in {run_dir}", show_lines=False)
     table.add_column("task")
     table.add_column("split")
@@ -60,7 +78,8 @@ def show(run_dir: Path) -> None:
             v = e[k]
             table.add_row(e["task"], e.get("split", ""), k,
                           f"{v:.2f}" if isinstance(v, float) else str(v))
-    out.print(table)
+    if evals:
+        out.print(table)
     if captions:
         ct = Table(title="generated captions (greedy) vs references")
         ct.add_column("image")
@@ -69,6 +88,16 @@ def show(run_dir: Path) -> None:
         for c in captions:
             ct.add_row(c["image"], c["caption"], " | ".join(c.get("references", [])))
         out.print(ct)
+    for name, rows in pretraining_curves(run_dir).items():
+        pt = Table(title=f"pre-training held-out statistics ({name}): first and last evaluation")
+        pt.add_column("statistic")
+        first, last = rows[0], rows[-1]
+        pt.add_column(f"step {first['step']}", justify="right")
+        pt.add_column(f"step {last['step']}", justify="right")
+        for k in sorted(k for k in last if k not in ("step", "split")
+                        and not k.endswith("loss") and k in first):
+            pt.add_row(k, f"{first[k]:.4g}", f"{last[k]:.4g}")
+        out.print(pt)
     for k, v in notes.items():
         out.print(f"[bold]{k}[/]: {v}")
     for reader in READERS.values():

@@ -32,6 +32,7 @@ class ItmDataset(TaskDataset):
                  neg_prob: float, tags: bool, max_text_len: int, seed: int):
         super().__init__(corpus, builder, indices, seed)
         self.neg_prob, self.tags, self.max_text_len = neg_prob, tags, max_text_len
+        self.with_tags = tags
 
     def __getitem__(self, i: int) -> dict:
         rng = self.rng(i)

@@ -57,6 +57,7 @@ class MaskedDataset(TaskDataset):
         super().__init__(corpus, builder, indices, seed)
         self.text_prob, self.region_prob = text_prob, region_prob
         self.tags, self.max_text_len, self.probs = tags, max_text_len, probs
+        self.with_tags = tags
         self.num_labels = len(labels)
         self.map = label_map(builder.features.labels if builder.features else [], labels)
 
