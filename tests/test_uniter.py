@@ -206,3 +206,63 @@ def test_every_objective_mixed_on_two_corpora_trains_and_resumes(
     a = load_file(tmp_path / "a" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_on_the_cpu_gradient_checkpointing_and_a_tracker(probs_world: dict,
+                                                               tmp_path: Path) -> None:
+    """bf16 autocast on the CPU trains every objective with finite losses; gradient
+    checkpointing gives the gradients of the plain run; metrics rows reach TensorBoard."""
+    from vlp_cli.config import load_recipe
+    from vlp_cli.stages import pretrain
+    from conftest import tiny_recipe_sets
+
+    mix = "pretrain.tasks={mlm: 1, mrfr: 1, mrc: 1, mrckl: 1, itm: 1}"
+    root = probs_world["ctx"].corpus.path.parent
+    recipe = load_recipe("tiny", tiny_recipe_sets() + [
+        mix, "pretrain.train.steps=6", "pretrain.train.mixed_precision=bf16",
+        "pretrain.train.trackers=[tensorboard]", "model.gradient_checkpointing=true"])
+    pretrain.run(recipe, root / "corpus", root / "features", tmp_path / "bf16")
+    rows = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    losses = [v for r in rows for k, v in r.items() if k.endswith("/loss")]
+    assert len(losses) >= 6 and all(np.isfinite(losses))
+    assert list((tmp_path / "bf16" / "trackers").rglob("events.out.tfevents.*"))
+
+    # Gradient checkpointing: same loss and gradients as without (dropout off to compare).
+    task, model, batch, _ = _batch(probs_world, "mrfr")
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    loss, _ = task.step(model, batch)
+    loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.enable_checkpointing()
+    assert model.bert.is_gradient_checkpointing
+    loss2, _ = task.step(model, batch)
+    loss2.backward()
+    assert torch.allclose(loss, loss2)
+    for n, p in model.named_parameters():
+        if n in plain:
+            assert torch.allclose(plain[n], p.grad, atol=1e-6), n
+
+
+def test_oscar_image_embedder_saves_and_reloads(probs_world: dict, tmp_path: Path) -> None:
+    """Oscar's embedder (one Linear over features + 6 position numbers, no region type
+    embedding) through a checkpoint, and MRFR tied to its feature columns."""
+    from vlp_cli.checkpoint import load_checkpoint, save_checkpoint
+    from vlp_cli.model import HeadSpec, OscarImageEmbeddings, VLPModel
+
+    m = VLPModel.from_text_encoder("random:tiny", 16, [HeadSpec("mrfr", "features", 16)],
+                                   vocab_size=len(probs_world["tok"]), pos_dim=6,
+                                   image_embedder="oscar", seed=0)
+    assert isinstance(m.img_embed, OscarImageEmbeddings)
+    assert m.img_embed.linear.weight.shape[1] == 16 + 6
+    assert m.img_embed.feature_weight().data_ptr() == m.img_embed.linear.weight.data_ptr()
+    save_checkpoint(tmp_path / "ck", m, probs_world["tok"], {"task": "pretrain",
+                                                             "tasks": {"mrfr": {}}},
+                    probs_world["recipe"])
+    again, _, _ = load_checkpoint(tmp_path / "ck")
+    assert again.config.image_embedder == "oscar"
+    for (n, a), (_, b) in zip(m.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n

@@ -254,6 +254,17 @@ class VLPModel(nn.Module):
         additive = (~allowed).to(x.dtype)[:, None] * torch.finfo(x.dtype).min  # [B, 1, L|1, L]
         return self.bert.encoder(x, attention_mask=additive).last_hidden_state
 
+    def enable_checkpointing(self) -> None:
+        """Recompute each encoder layer's activations in the backward pass (non-reentrant:
+        works with frozen parameters, keeps dropout's randomness)."""
+        bert = self.bert
+        # transformers renamed it (5.x); the old name warns that it goes in v6.
+        enable = getattr(bert, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            bert.gradient_checkpointing_enable({"use_reentrant": False})
+
     def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooler (dense + tanh) over [CLS], then dropout: [B, H]."""
         return self.dropout(self.bert.pooler(hidden))

@@ -68,7 +68,7 @@ class TrainResult:
     seconds: float
 
 
-def make_accelerator(cfg: TrainCfg, mixed: bool = False) -> Any:
+def make_accelerator(cfg: TrainCfg, mixed: bool = False, out_dir: Path | None = None) -> Any:
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
     precision = cfg.mixed_precision
@@ -82,8 +82,18 @@ def make_accelerator(cfg: TrainCfg, mixed: bool = False) -> Any:
     # every parameter gets a gradient: the search for unused ones (a pass over the graph every
     # step) is skipped.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=mixed)
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
-                       cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    trackers = {}
+    if cfg.trackers:  # Accelerate's experiment trackers, writing under OUT/trackers
+        trackers = {"log_with": list(cfg.trackers),
+                    "project_dir": str(Path(out_dir or ".") / "trackers")}
+    try:
+        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
+                           cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp], **trackers)
+    except (ValueError, ImportError) as exc:
+        if not cfg.trackers:
+            raise
+        raise VlpError(f"trackers {cfg.trackers}: {exc}".splitlines()[0] + " (install the "
+                       "tracker's package, or remove it from the recipe's train.trackers)") from None
 
 
 def _sampler(task: TrainTask, cfg: TrainCfg, seed: int, rank: int, world: int,
@@ -245,9 +255,21 @@ def train(
     from accelerate.utils import send_to_device, set_seed
 
     mixed = len(tasks) > 1
-    accelerator = accelerator or make_accelerator(cfg, mixed)
+    accelerator = accelerator or make_accelerator(cfg, mixed, Path(out_dir))
     set_seed(seed)
     out_dir = Path(out_dir)
+    if cfg.trackers:
+        accelerator.init_trackers(description, config={"cfg_key": cfg_key, "steps": cfg.steps,
+                                                       "lr": cfg.lr,
+                                                       "tasks": ",".join(t.name for t in tasks)})
+
+    def record(row: dict) -> None:
+        """A metrics row into metrics.jsonl and, when the recipe names any, the trackers."""
+        _append(metrics_path, row)
+        if cfg.trackers:
+            split = row.get("split", "")
+            accelerator.log({f"{split}/{k}": v for k, v in row.items()
+                             if isinstance(v, (int, float)) and k != "step"}, step=row["step"])
     rank, world = accelerator.process_index, accelerator.num_processes
     streams = [Stream(t.dataset, t.collate, cfg.batch_size, seed, rank, world, cfg.grad_accum,
                       cfg.num_workers, _sampler(t, cfg, seed, rank, world, cfg_key))
@@ -343,7 +365,7 @@ def train(
                 held.update(_prefixed(evaluate_stats(module, ev, accelerator, cfg.eval_batches,
                                                      i), t.name, mixed))
         if accelerator.is_main_process:
-            _append(metrics_path, {"step": step, "split": "val", **held})
+            record({"step": step, "split": "val", **held})
             logger.info("step %d held-out: %s", step,
                         ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
         return held
@@ -401,7 +423,7 @@ def train(
                 last = meter.result(accelerator)
                 meter = _Meter()
                 if accelerator.is_main_process:
-                    _append(metrics_path, {"step": step, "split": "train",
+                    record({"step": step, "split": "train",
                                            "lr": scheduler.get_last_lr()[0], **last,
                                            "nonfinite_skipped": nonfinite["total"],
                                            "elapsed_s": round(time.time() - start, 1)})
@@ -423,6 +445,8 @@ def train(
                                   f"state saved in {runstate.state_root(out_dir)}; continue "
                                   "with --resume", signum)
     save()
+    if cfg.trackers:
+        accelerator.end_training()
     return TrainResult(step=step, last=last, held_out=held, seconds=time.time() - start)
 
 

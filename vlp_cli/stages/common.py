@@ -166,8 +166,7 @@ def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],
 def apply_model_options(model: Any, recipe: Recipe) -> None:
     """What the recipe's model section asks of a model about to train."""
     if recipe.model.gradient_checkpointing:
-        # Non-reentrant checkpointing: works with frozen parameters and keeps dropout's RNG.
-        model.bert.gradient_checkpointing_enable({"use_reentrant": False})
+        model.enable_checkpointing()
 
 
 def freeze_unused(model: Any, tasks: list[Any]) -> None:
