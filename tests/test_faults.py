@@ -179,3 +179,26 @@ def test_sigterm_then_resume(tiny_data: dict, pre_ref: Path, tmp_path: Path) -> 
     res = _run(["pretrain", "tiny"], tiny_data, out, resume=True)
     assert res.returncode == 0, res.stderr[-2000:]
     _same(pre_ref, out)
+
+
+UNITER_SETS = ["pretrain.tasks={oscar: 1, mlm: 1, mrfr: 1, mrc: 1, mrckl: 1, itm: 1}",
+               "pretrain.train.batching=units", "pretrain.train.max_units=120",
+               "itm.ot_iters=5"]
+
+
+@pytest.mark.parametrize("fault", ["step:mid@5", "epoch:end@1", "save:optimizer@2"])
+def test_mixed_uniter_run_with_length_buckets_killed_at(fault: str, tiny_data: dict,
+                                                       tmp_path: Path) -> None:
+    """Every objective mixed, batches by input units: the task draw and each stream's bucket
+    position come back from the saved state, and the resumed run is bit-equal."""
+    global SETS
+    saved = SETS
+    SETS = saved + UNITER_SETS
+    try:
+        ref = tmp_path / "ref"
+        assert _run(["pretrain", "tiny"], tiny_data, ref).returncode == 0
+        rows = _rows(ref)
+        assert {k.split("/")[0] for r in rows for k in r if "/" in k} >= {"mrfr", "itm"}
+        _kill_and_resume(["pretrain", "tiny"], tiny_data, tmp_path / "pre", ref, fault)
+    finally:
+        SETS = saved
