@@ -106,9 +106,10 @@ def table(results: dict[str, dict[int, dict]], recipe: Recipe) -> dict:
 
 def run(recipe: Recipe, recipe_path: Path, corpus: Path, features: Path, out: Path,
         seeds: int | None = None, variants: list[str] | None = None,
-        sets: list[str] | None = None) -> dict:
+        sets: list[str] | None = None, run_missing: bool = True) -> dict:
     """Every (variant, seed) not yet finished, then the table (written to out/ablation.json).
-    `sets` (the command line's --set) apply to every run, before each variant's own."""
+    `sets` (the command line's --set) apply to every run, before each variant's own;
+    `run_missing=False` tabulates the finished runs only."""
     from vlp_cli.tasks import get
 
     cfg = recipe.ablate
@@ -122,15 +123,17 @@ def run(recipe: Recipe, recipe_path: Path, corpus: Path, features: Path, out: Pa
                        f"{', '.join(cfg.variants)}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    results: dict[str, dict[int, dict]] = {}
-    for variant in names:
-        results[variant] = {}
-        for i in range(seeds or cfg.seeds):
+    results: dict[str, dict[int, dict]] = {v: {} for v in names}
+    # Seed by seed, every variant: an ablation stopped early has compared every variant.
+    for i in range(seeds or cfg.seeds):
+        for variant in names:
             seed = recipe.seed + i
             d = out / f"{variant}-seed{seed}"
             done = d / "result.json"
             if done.is_file():
                 results[variant][seed] = json.loads(done.read_text())["metrics"]
+                continue
+            if not run_missing:
                 continue
             t0 = time.time()
             run_sets = [*(sets or []), *cfg.variants[variant], f"seed={seed}"]
@@ -143,7 +146,7 @@ def run(recipe: Recipe, recipe_path: Path, corpus: Path, features: Path, out: Pa
     summary = table(results, recipe)
     summary["seconds_this_run"] = round(time.time() - started, 1)
     summary["seconds_total"] = round(sum(
-        json.loads((out / f"{v}-seed{recipe.seed + i}" / "result.json").read_text())["seconds"]
-        for v in names for i in range(seeds or cfg.seeds)), 1)
+        json.loads(p.read_text())["seconds"] for p in out.glob("*-seed*/result.json")), 1)
+    summary["runs"] = sum(len(r) for r in results.values())
     _write_atomic(out / "ablation.json", summary)
     return summary

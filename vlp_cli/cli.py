@@ -547,6 +547,8 @@ def ablate(
                                                        "recipe's ablate.seeds).")] = None,
     variant: Annotated[Optional[list[str]], typer.Option(
         "--variant", help="Only these variants (repeatable); default all.")] = None,
+    table_only: Annotated[bool, typer.Option(
+        "--table-only", help="Tabulate the finished runs; run nothing.")] = False,
     sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """The papers' ablations at our scale: one factor per variant, several seeds, one table.
@@ -568,7 +570,7 @@ def ablate(
     r = _recipe(recipe, sets, ["ablate", "pretrain"])
     _writable(out)
     summary = ablation.run(r, resolve_recipe_path(recipe), corpus, features, out, seeds=seeds,
-                           variants=variant, sets=sets)
+                           variants=variant, sets=sets, run_missing=not table_only)
     stage.show_ablation(summary, r)
 
 

@@ -127,5 +127,5 @@ def show_ablation(summary: dict, recipe: object) -> None:
                          for t, v in c["tasks"].items())
         verdict = "REPRODUCED" if c["reproduced"] else "not reproduced"
         out.print(f"{c['claim']} ({c['better']} vs {c['worse']}): {verdict} ({gaps})")
-    out.print(f"wall time: {summary['seconds_this_run']:.0f} s this run, "
-              f"{summary['seconds_total']:.0f} s over all runs")
+    out.print(f"{summary['runs']} finished runs; wall time: {summary['seconds_this_run']:.0f} s "
+              f"this run, {summary['seconds_total']:.0f} s over all runs")
