@@ -221,7 +221,15 @@ def test_bf16_on_the_cpu_gradient_checkpointing_and_a_tracker(probs_world: dict,
     recipe = load_recipe("tiny", tiny_recipe_sets() + [
         mix, "pretrain.train.steps=6", "pretrain.train.mixed_precision=bf16",
         "pretrain.train.trackers=[tensorboard]", "model.gradient_checkpointing=true"])
-    pretrain.run(recipe, root / "corpus", root / "features", tmp_path / "bf16")
+    from accelerate.state import AcceleratorState
+
+    # One process, one Accelerate state: earlier tests made theirs in fp32 (a CLI run is a
+    # process of its own).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        pretrain.run(recipe, root / "corpus", root / "features", tmp_path / "bf16")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     rows = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
     losses = [v for r in rows for k, v in r.items() if k.endswith("/loss")]
     assert len(losses) >= 6 and all(np.isfinite(losses))

@@ -448,3 +448,8 @@ def test_caption_into_a_folder(checkpoints: dict, tiny_data: dict, tmp_path: Pat
         assert res.exit_code == 0, res.output
         assert len(want.read_text().splitlines()) == 2
     assert "folder to hold captions.jsonl" in help_text("caption")
+
+
+def test_a_misspelt_tracker_is_one_line() -> None:
+    one_line_error(run("validate", "tiny", "--set", "pretrain.train.trackers=[tensorbaord]"),
+                   "'pretrain.train.trackers[0]'", "did you mean 'tensorboard'?")

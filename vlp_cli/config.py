@@ -91,7 +91,8 @@ class TrainCfg:
     eval_at_start: bool = False  # also before the first step: where each statistic starts
     # Accelerate trackers that also receive every metrics row (e.g. [tensorboard], [wandb]);
     # files under OUT/trackers. metrics.jsonl is written either way.
-    trackers: list[str] = field(default_factory=list)
+    trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml",
+                           "dvclive", "swanlab", "trackio"]] = field(default_factory=list)
     # Crash safety: the whole training state (runstate.py) is saved every `save_every` steps
     # (0: not by count), at least every `save_minutes` of wall time (0: not by time), on
     # SIGTERM/SIGINT and at the end; the newest `keep_states` are kept.

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlp_cli import VlpError, faults, runstate
 from vlp_cli.config import TrainCfg
 from vlp_cli.console import progress
+from vlp_cli.launch import make_accelerator
 from vlp_cli.streams import Interrupted, StopRequest, Stream
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -66,34 +67,6 @@ class TrainResult:
     last: dict[str, float]  # the last logged training statistics
     held_out: dict[str, float]  # the last held-out statistics
     seconds: float
-
-
-def make_accelerator(cfg: TrainCfg, mixed: bool = False, out_dir: Path | None = None) -> Any:
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-
-    precision = cfg.mixed_precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        logger.warning("fp16 needs a GPU; training in fp32 on the CPU")
-        precision = "no"
-    # Without a GPU, several processes (torchrun, accelerate launch) only form a gloo group
-    # when accelerate is told it is on the CPU; alone, this changes nothing.
-    # In a mixed run one task's heads sit idle in another's step: DDP must be told, or it
-    # waits for their gradients forever. A single task's model holds only its own heads, and
-    # every parameter gets a gradient: the search for unused ones (a pass over the graph every
-    # step) is skipped.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=mixed)
-    trackers = {}
-    if cfg.trackers:  # Accelerate's experiment trackers, writing under OUT/trackers
-        trackers = {"log_with": list(cfg.trackers),
-                    "project_dir": str(Path(out_dir or ".") / "trackers")}
-    try:
-        return Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum,
-                           cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp], **trackers)
-    except (ValueError, ImportError) as exc:
-        if not cfg.trackers:
-            raise
-        raise VlpError(f"trackers {cfg.trackers}: {exc}".splitlines()[0] + " (install the "
-                       "tracker's package, or remove it from the recipe's train.trackers)") from None
 
 
 def _sampler(task: TrainTask, cfg: TrainCfg, seed: int, rank: int, world: int,
