@@ -65,7 +65,8 @@ def run_one(recipe_path: Path, corpus: Path, features: Path, d: Path, sets: list
         ck, ev = d / name, d / f"eval-{name}"
         _once(d / f".{name}.done", "finetune", name, "-k", str(start), *io, "-o", str(ck),
               "--auto-resume", *common)
-        _once(d / f".eval-{name}.done", "evaluate", name, "-k", str(ck), *io, "-o", str(ev))
+        _once(d / f".eval-{name}.done", "evaluate", name, "-k", str(ck), *io, "-o", str(ev),
+              *common)
         metrics = json.loads((ev / "metrics.json").read_text())
         result[name] = metrics[get(name).headline]
     return result
