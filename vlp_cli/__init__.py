@@ -1,6 +1,6 @@
 """vlp: vision-language pre-training (Oscar, UNITER) from a laptop CPU to many GPUs."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 class VlpError(Exception):
