@@ -125,6 +125,14 @@ def test_mrfr_is_the_mean_squared_error_on_masked_regions_only(probs_world: dict
     pred = h @ model.img_embed.feat_linear.weight + head.bias  # tied to the image Linear
     assert torch.allclose(loss, ((pred - want) ** 2).mean(), atol=1e-6)
     assert pred.shape[0] == int(masked.sum()) < int(batch["img_mask"].sum())
+    s, n = stats["mrfr_l2"]
+    assert torch.allclose(s / n, ((pred - want) ** 2).mean(), atol=1e-6)  # per feature
+    # No masked region in a batch: a zero loss, not NaN.
+    empty = {k: v.clone() for k, v in batch.items()}
+    empty["region_masked"][:] = False
+    empty["feat_targets"] = batch["feat_targets"][:0]
+    loss0, _ = task.step(model, empty)
+    assert loss0.item() == 0.0
 
 
 def test_mrc_kl_is_kl_of_the_detector_to_the_model(probs_world: dict) -> None:

@@ -122,6 +122,10 @@ def run(recipe: Recipe, recipe_path: Path, corpus: Path, features: Path, out: Pa
     if unknown:
         raise VlpError(f"unknown variant(s) {unknown}; the recipe's ablate.variants are "
                        f"{', '.join(cfg.variants)}")
+    from vlp_cli.config import load_recipe
+
+    for variant in names:  # a typo in a variant's overrides: refused before any run
+        load_recipe(recipe_path, [*(sets or []), *cfg.variants[variant]])
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results: dict[str, dict[int, dict]] = {v: {} for v in names}
@@ -131,13 +135,17 @@ def run(recipe: Recipe, recipe_path: Path, corpus: Path, features: Path, out: Pa
             seed = recipe.seed + i
             d = out / f"{variant}-seed{seed}"
             done = d / "result.json"
+            run_sets = [*(sets or []), *cfg.variants[variant], f"seed={seed}"]
             if done.is_file():
-                results[variant][seed] = json.loads(done.read_text())["metrics"]
+                kept = json.loads(done.read_text())
+                if kept.get("overrides") != run_sets:
+                    raise VlpError(f"{done} was run with other settings ({kept.get('overrides')}"
+                                   f", not {run_sets}): give another --out, or remove it")
+                results[variant][seed] = kept["metrics"]
                 continue
             if not run_missing:
                 continue
             t0 = time.time()
-            run_sets = [*(sets or []), *cfg.variants[variant], f"seed={seed}"]
             metrics = run_one(recipe_path, corpus, features, d, run_sets,
                               pretrain=variant != "no-pretrain", tasks=cfg.tasks)
             _write_atomic(done, {"variant": variant, "seed": seed, "metrics": metrics,

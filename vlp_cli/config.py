@@ -375,7 +375,8 @@ class AblateCfg:
     claims: list[tuple[str, str, str]] = field(default_factory=lambda: [
         ("full", "no-pretrain", "UNITER Table 2, L1 vs L5: pre-training helps"),
         ("full", "no-tags", "Oscar: object tags as anchors help"),
-        ("full", "joint-masking", "UNITER Table 2, L10 vs L12: conditional beats joint masking"),
+        ("full", "joint-masking",
+         "UNITER Table 2, L10 vs L12: conditional beats joint masking (here with WRA in both)"),
         ("full", "no-wra", "UNITER Table 2, L10 vs L11: WRA helps"),
     ])
 
@@ -401,6 +402,11 @@ class Recipe:
     retrieval: RetrievalCfg = field(default_factory=RetrievalCfg)
     captioning: CaptioningCfg = field(default_factory=CaptioningCfg)
     ablate: AblateCfg = field(default_factory=AblateCfg)
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if self.model.image_embedder == "oscar" and self.data.pos_kind != "oscar6":
+            yield ("'model.image_embedder' oscar takes Oscar's 6 position numbers: set "
+                   "'data.pos_kind' to oscar6 (released Oscar weights expect 2048 + 6 inputs)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,7 +138,8 @@ def checkpoint_recipe(checkpoint: Path, recipe: Path | None, overrides: list[str
 # Keys of a training section that may differ between a run and its resumption: they change
 # when or how long it runs, or what it logs, not what a step computes.
 RESUMABLE_TRAIN_KEYS = ("steps", "save_every", "save_minutes", "keep_states", "log_every",
-                        "eval_every", "eval_batches", "num_workers", "max_nonfinite")
+                        "eval_every", "eval_batches", "num_workers", "max_nonfinite",
+                        "eval_at_start", "trackers")
 
 
 def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],

@@ -39,6 +39,9 @@ def corpus_sources(recipe: Recipe, corpus: Path | list[Path] | None,
         if len(cs) != len(fs):
             raise VlpError(f"{len(cs)} --corpus and {len(fs)} --features given: give one "
                            "--features (the store it was built on) per --corpus, in order")
+        if recipe.pretrain.corpora:
+            logger.warning("--corpus/--features given: the recipe's pretrain.corpora (and "
+                           "their ratios) are not used")
         return [(Path(c), Path(f), 1.0) for c, f in zip(cs, fs)]
     if not recipe.pretrain.corpora:
         raise VlpError("no corpus: pass --corpus DIR --features DIR, or list them in the "
