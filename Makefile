@@ -58,8 +58,8 @@ demo: install
 	$(VLP) caption --checkpoint $(DEMO_DIR)/captioning --features $(DEMO_DIR)/features --corpus $(DEMO_DIR)/corpus --split test --limit 8 --out $(DEMO_DIR)/captions.jsonl
 	$(VLP) report $(DEMO_DIR)
 
-# The papers' ablations at our scale (README): 5 variants x 3 seeds on the scene set, about an
-# hour on 2 cores. Interrupted, it continues where it stopped (finished runs are kept).
+# The papers' ablations at our scale (README): 5 variants x 3 seeds on the scene set, about 1.5
+# hours on 2 cores. Interrupted, it continues where it stopped (finished runs are kept).
 ABLATE_DIR ?= .ablate
 ablate: install
 	@mkdir -p $(ABLATE_DIR)

@@ -28,7 +28,7 @@ def test_ablation_runs_caches_and_judges(tiny_data: dict, tmp_path: Path) -> Non
     assert set(summary["rows"]) == {"full", "no-pretrain"}
     assert summary["rows"]["full"]["vqa"]["n"] == 2
     claim = summary["claims"][0]
-    assert claim["better"] == "full" and "reproduced" in claim
+    assert claim["better"] == "full" and claim["reproduced"] in (True, False)  # 2 seeds
     assert "UNITER Table 2, L1 vs L5" in res.output
     # The no-pretrain start is the initial weights (one step at lr 1e-30).
     meta = json.loads((tmp_path / "ab" / "no-pretrain-seed42" / "pretrained" / "meta.json")

@@ -98,10 +98,12 @@ def table(results: dict[str, dict[int, dict]], recipe: Recipe) -> dict:
             a, b = rows[better][t], rows[worse][t]
             pooled = math.sqrt((a["sd"] ** 2 + b["sd"] ** 2) / 2)
             gap = a["mean"] - b["mean"]
+            # Fewer than two seeds on a side: no spread, so no verdict (None).
             verdicts[t] = {"gap": gap, "pooled_sd": pooled,
-                           "reproduced": bool(gap > 2 * pooled)}
+                           "reproduced": None if math.isnan(pooled) else bool(gap > 2 * pooled)}
+        judged = [v["reproduced"] for v in verdicts.values()]
         claims.append({"claim": source, "better": better, "worse": worse, "tasks": verdicts,
-                       "reproduced": all(v["reproduced"] for v in verdicts.values())})
+                       "reproduced": None if None in judged else all(judged)})
     return {"rows": rows, "claims": claims}
 
 

@@ -125,7 +125,8 @@ def show_ablation(summary: dict, recipe: object) -> None:
     for c in summary["claims"]:
         gaps = "; ".join(f"{t}: gap {v['gap']:+.2f}, 2 x pooled sd {2 * v['pooled_sd']:.2f}"
                          for t, v in c["tasks"].items())
-        verdict = "REPRODUCED" if c["reproduced"] else "not reproduced"
+        verdict = {True: "REPRODUCED", False: "not reproduced"}.get(
+            c["reproduced"], "cannot be judged (fewer than 2 seeds)")
         out.print(f"{c['claim']} ({c['better']} vs {c['worse']}): {verdict} ({gaps})")
     out.print(f"{summary['runs']} finished runs; wall time: {summary['seconds_this_run']:.0f} s "
               f"this run, {summary['seconds_total']:.0f} s over all runs")
