@@ -112,6 +112,24 @@ class Task:
         return None
 
 
+
+class Objective(Task):
+    """A pre-training objective: mixed by `vlp pretrain`, scored by its own step's statistics
+    on a held-out split, on any checkpoint trained with it."""
+
+    stage = "pretrain"
+
+    def check_checkpoint(self, meta: dict) -> str | None:
+        if self.name not in meta.get("tasks", {}):
+            return (f"a '{meta.get('task')}' checkpoint, not trained with the '{self.name}' "
+                    "objective (its heads are not in it)")
+        return None
+
+    def evaluate(self, ctx: Context, model: VLPModel, split: str, limit: int | None,
+                 accelerator: Any) -> tuple[dict, list[dict]]:
+        return held_out_stats(self, ctx, model, split, limit, accelerator), []
+
+
 # -- shared pieces -------------------------------------------------------------------------------
 
 

@@ -18,8 +18,7 @@ import numpy as np
 from vlp_cli import VlpError
 from vlp_cli.data.examples import ExampleBuilder, TaskDataset
 from vlp_cli.stores.corpus import Corpus
-from vlp_cli.tasks.base import (Context, Stats, Task, count_stat, encode, held_out_stats, longs,
-                                mean_stat)
+from vlp_cli.tasks.base import Context, Objective, Stats, count_stat, encode, longs, mean_stat
 
 if TYPE_CHECKING:
     import torch
@@ -48,9 +47,8 @@ class ItmDataset(TaskDataset):
         return self.item(text, img, itm=matched)
 
 
-class Itm(Task):
+class Itm(Objective):
     name = "itm"
-    stage = "pretrain"
     help = "UNITER: image-text matching (image swapped) + word-region alignment by OT"
     metrics = ("itm_acc", "ot_matched", "ot_unmatched")
     report = ("itm_acc", "ot_matched", "ot_unmatched")
@@ -108,16 +106,6 @@ class Itm(Task):
                                      torch.tensor(float(n_neg), device=dist.device))
         stats["loss"] = mean_stat(loss, b)
         return loss, stats
-
-    def check_checkpoint(self, meta: dict) -> str | None:
-        if self.name not in meta.get("tasks", {}):
-            return (f"a '{meta.get('task')}' checkpoint, not trained with the '{self.name}' "
-                    "objective (its heads are not in it)")
-        return None
-
-    def evaluate(self, ctx: Context, model: VLPModel, split: str, limit: int | None,
-                 accelerator: Any) -> tuple[dict, list[dict]]:
-        return held_out_stats(self, ctx, model, split, limit, accelerator), []
 
 
 TASK = Itm()

@@ -21,7 +21,7 @@ import numpy as np
 from vlp_cli import VlpError
 from vlp_cli.data.examples import ExampleBuilder, TaskDataset, mask_tokens
 from vlp_cli.stores.corpus import Corpus
-from vlp_cli.tasks.base import Context, Task, held_out_stats, pad_labels
+from vlp_cli.tasks.base import Context, Objective, pad_labels
 
 if TYPE_CHECKING:
     import torch
@@ -116,10 +116,9 @@ def collate_masked(items: list[dict], batch: dict) -> None:
         batch["soft_targets"] = soft[masked]
 
 
-class MaskedObjective(Task):
+class MaskedObjective(Objective):
     """A UNITER masked objective; subclasses name the modality they score and their heads."""
 
-    stage = "pretrain"
     uses_pooler = False
     scores_text = False  # MLM: the words; else the regions
     needs_probs = False  # MRC-kl reads the class distributions
@@ -153,16 +152,6 @@ class MaskedObjective(Task):
 
     def collate(self, items: list[dict], batch: dict) -> None:
         collate_masked(items, batch)
-
-    def check_checkpoint(self, meta: dict) -> str | None:
-        if self.name not in meta.get("tasks", {}):
-            return (f"a '{meta.get('task')}' checkpoint, not trained with the '{self.name}' "
-                    "objective (its heads are not in it)")
-        return None
-
-    def evaluate(self, ctx: Context, model: Any, split: str, limit: int | None,
-                 accelerator: Any) -> tuple[dict, list[dict]]:
-        return held_out_stats(self, ctx, model, split, limit, accelerator), []
 
 
 def region_states(model: Any, batch: dict) -> torch.Tensor:
