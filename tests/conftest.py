@@ -68,7 +68,8 @@ def tiny_recipe_sets() -> list[str]:
             "captioning.max_caption_len=8", "vqa.max_text_len=24", "extract.min_size=64",
             "extract.batch_size=4"]
     # The demo mixes six objectives; most tests run Oscar's alone (tests/test_uniter.py mixes).
-    sets += ["pretrain.tasks={oscar: 1}", "pretrain.train.eval_at_start=false"]
+    sets += ["pretrain.tasks={oscar: 1}", "pretrain.corpora=[]",
+             "pretrain.train.eval_at_start=false"]
     for task in ("pretrain", "vqa", "retrieval", "captioning"):
         sets += [f"{task}.train.steps=3", f"{task}.train.batch_size=4",
                  f"{task}.train.warmup_steps=1", f"{task}.train.eval_every=2",

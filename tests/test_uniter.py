@@ -167,6 +167,85 @@ def test_mrc_is_cross_entropy_to_the_detector_class(probs_world: dict) -> None:
     assert torch.allclose(loss, by_hand, atol=1e-6)
 
 
+def test_region_classes_are_scored_within_their_own_store(probs_world: dict) -> None:
+    """In a label space that is a union of several stores' (another detector's "bird" here),
+    MRC and MRC-kl score a region among its own store's classes only: the loss is the one
+    computed by hand over those classes, and no prediction is a class the store lacks."""
+    from vlp_cli.data.datasets import Collator
+    from vlp_cli.model import VLPModel
+
+    world, recipe = probs_world, probs_world["recipe"]
+    union = ["bird", *LABELS]
+    ctx = Context(recipe, world["ctx"].corpus, world["ctx"].builder, world["tok"], union)
+    for name in ("mrc", "mrckl"):
+        task = TASKS[name].bind(recipe)
+        task = task.bind(recipe, task.prepare(ctx))
+        assert task.labels(ctx) == union
+        ds = task.dataset(ctx, "train", 0)
+        items = [ds[i] for i in range(6)]
+        batch = Collator(ctx.builder.pad_id, task.collate)(items)
+        assert batch["label_space"].tolist() == [False, True, True, True]
+        torch.manual_seed(0)
+        model = VLPModel.from_text_encoder("random:tiny", 16, task.heads(ctx),
+                                           vocab_size=len(world["tok"]))
+        model.eval()
+        with torch.no_grad():
+            model.heads["region_cls"][-1].bias[0] = 50.0  # "bird" would win every region
+        loss, stats = task.step(model, batch)
+        hidden = model(*(batch[k] for k in ("input_ids", "token_type_ids", "text_mask",
+                                            "img_feats", "img_pos", "img_mask")))
+        own = model.region_outputs("region_cls", hidden, batch["region_masked"])[:, 1:]
+        if name == "mrc":
+            target = batch["region_targets"] - 1
+            by_hand = -torch.log_softmax(own, -1)[torch.arange(len(target)), target].mean()
+        else:
+            p = batch["soft_targets"][:, 1:]
+            by_hand = (p * (torch.log(p) - torch.log_softmax(own, -1))).sum(-1).mean() / 4
+        assert torch.allclose(loss, by_hand, atol=1e-5), name
+        assert stats["mrc_acc"][0] == (own.argmax(-1) == (
+            batch["region_targets"] - 1 if name == "mrc"
+            else batch["soft_targets"].argmax(-1) - 1)).sum()
+
+
+def test_each_corpus_runs_its_own_objectives(probs_world: dict, tiny_data: dict,
+                                             tmp_path: Path) -> None:
+    """pretrain.corpora entries without directories describe the command line's corpora in
+    order (UNITER's per-dataset tasks and mix ratios): a stream exists only for an objective
+    its corpus names; mistakes in the entries are one line each."""
+    from vlp_cli import VlpError
+    from vlp_cli.config import load_recipe
+    from vlp_cli.stages import pretrain
+    from conftest import tiny_recipe_sets
+
+    root = probs_world["ctx"].corpus.path.parent
+    corpora = [tiny_data["corpus"], root / "corpus"]
+    feats = [tiny_data["features"], root / "features"]
+    base = tiny_recipe_sets() + ["pretrain.tasks={oscar: 1, mlm: 1, mrc: 1}",
+                                 "pretrain.train.steps=4", "pretrain.train.eval_every=4"]
+    sets = base + ["pretrain.corpora=[{tasks: {oscar: 2}, ratio: 3}, {tasks: {mlm: 1, mrc: 1}}]"]
+    pretrain.run(load_recipe("tiny", sets), corpora, feats, tmp_path / "a")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    names = {k.split("/")[0] for r in rows if r["split"] == "val" for k in r if "/" in k}
+    assert names == {"oscar@corpus0", "mlm@corpus1", "mrc@corpus1"}, names
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert [(c["ratio"], c["tasks"]) for c in meta["corpora"]] == [
+        (3.0, {"oscar": 2.0}), (1.0, {"mlm": 1.0, "mrc": 1.0})]
+    with pytest.raises(VlpError, match=r"corpora\[1\]\.tasks\.itm.*not in"):
+        load_recipe("tiny", base + ["pretrain.corpora=[{tasks: {oscar: 1}}, {tasks: {itm: 1}}]"])
+    with pytest.raises(VlpError, match="every entry its directories, or none"):
+        load_recipe("tiny", base + ["pretrain.corpora=[{corpus: a, features: b}, {ratio: 2}]"])
+    idle = load_recipe("tiny", base + ["pretrain.corpora=[{tasks: {oscar: 1}}, {tasks: {mlm: 1}}]"])
+    with pytest.raises(VlpError, match="mrc runs on no corpus"):
+        pretrain.run(idle, corpora, feats, tmp_path / "b")
+    with pytest.raises(VlpError, match="no corpus"):
+        pretrain.run(idle, None, None, tmp_path / "c")
+    # One corpus given where the recipe describes two: the objectives of the second only
+    # are left out (with a warning), the first corpus's run.
+    pretrain.run(load_recipe("tiny", sets), corpora[:1], feats[:1], tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert list(meta["tasks"]) == ["oscar"]
+
+
 def test_labels_of_several_stores_map_into_one_space() -> None:
     from vlp_cli.tasks.masking import label_map
 

@@ -114,7 +114,8 @@ def test_bad_value_in_a_recipe_file_names_the_file_and_key(tmp_path: Path) -> No
 
 
 def test_warmup_longer_than_the_run_names_both_keys_and_the_fix() -> None:
-    line = one_line_error(run("validate", "tiny", "--set", "pretrain.train.steps=10"),
+    line = one_line_error(run("validate", "tiny", "--set", "pretrain.train.steps=10", "--set",
+                              "pretrain.train.warmup_steps=45"),
                           "'pretrain.train.warmup_steps' (45)", "'pretrain.train.steps' (10)")
     assert "--set pretrain.train.warmup_steps=" in line
     assert run("validate", "tiny", "--set", "pretrain.train.steps=10", "--set",

@@ -233,8 +233,10 @@ class PretrainCfg:
     # the same example (the ablation of UNITER Table 2, L12).
     masking: Literal["conditional", "joint"] = "conditional"
     # Several corpora, each built by `vlp build-corpus` on its own feature store, sampled by
-    # ratio (both papers pre-train on a union). Empty: the --corpus / --features of the
-    # command line (which may also be given several times; ratios then default to 1 each).
+    # ratio (both papers pre-train on a union), each with its own objectives when it names
+    # them (UNITER's per-dataset "tasks" and "mix_ratio"). Entries without directories
+    # describe the command line's --corpus / --features, in order (the demo's way); without
+    # entries, every corpus of the command line has ratio 1 and `tasks`.
     corpora: list[CorpusSourceCfg] = field(default_factory=list)
 
     def problems(self, k: Key) -> Iterator[str]:
@@ -243,18 +245,33 @@ class PretrainCfg:
         for name, ratio in self.tasks.items():
             if not ratio > 0:
                 yield f"'{k('tasks')}.{name}' must be > 0 (a mix ratio), got {ratio!r}"
+        if len({bool(e.corpus or e.features) for e in self.corpora}) > 1:
+            yield (f"'{k('corpora')}': give every entry its directories, or none (entries "
+                   "without them describe the command line's --corpus, in order)")
+        for i, e in enumerate(self.corpora):
+            for name, ratio in e.tasks.items():
+                where = f"{k('corpora')}[{i}].tasks.{name}"
+                if name not in self.tasks:
+                    yield (f"'{where}': {name} is not in '{k('tasks')}' (a corpus picks among "
+                           "the run's objectives; add it there)")
+                elif not ratio > 0:
+                    yield f"'{where}' must be > 0 (a mix ratio), got {ratio!r}"
 
 
 @dataclass
 class CorpusSourceCfg:
     """One corpus of a pre-training union."""
 
-    corpus: str = ""  # a corpus directory (vlp build-corpus)
+    corpus: str = ""  # a corpus directory (vlp build-corpus); empty: the command line's
     features: str = ""  # the feature store it was built on
     ratio: float = num(1.0, gt=0, why="a sampling ratio")
+    # The objectives run on this corpus and their ratios (a subset of pretrain.tasks, whose
+    # sections configure them); empty: pretrain.tasks. A stream's weight is its objective's
+    # ratio times the corpus's.
+    tasks: dict[str, float] = field(default_factory=dict)
 
     def problems(self, k: Key) -> Iterator[str]:
-        if not self.corpus or not self.features:
+        if bool(self.corpus) != bool(self.features):
             yield f"'{k('corpus')}' and '{k('features')}' are both needed (directories)"
 
 

@@ -413,6 +413,8 @@ def train(
                 save()
                 last_save = time.time()
             if flags[1]:
+                if cfg.trackers:  # flushed and closed: their files end at this step
+                    accelerator.end_training()
                 signum = stop.signum or signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}: "
                                   f"state saved in {runstate.state_root(out_dir)}; continue "

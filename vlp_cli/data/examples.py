@@ -203,6 +203,10 @@ class TaskDataset:
 
     max_text_len: int = 512  # BERT's positions; every task dataset sets its own
     with_tags: bool = True  # whether items carry the image's tags (UNITER's objectives: no)
+    # What an item may take from another example (a negative): its image (ITM), its tags
+    # (Oscar) or its words (Oscar+). `sizes()` then bounds that part by the dataset's largest,
+    # so that a batch filled to `max_units` never exceeds it, whichever items are swapped.
+    swaps: frozenset[str] = frozenset()
 
     def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray, seed: int):
         self.corpus = corpus
@@ -217,16 +221,27 @@ class TaskDataset:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def sizes(self) -> tuple[np.ndarray, np.ndarray]:
+    def sizes(self, swaps: frozenset[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(text tokens, regions) of each item of an Oscar-style example: its first text
         segment with its first image's tags, and that image's regions. Exact for one-text
-        examples (an upper bound with several); a task whose items differ overrides it."""
+        examples without `swaps` (an upper bound otherwise); a task whose items differ
+        overrides it."""
         words = self.corpus.lengths[self.indices]
         images = [self.corpus.get(int(i))["images"][0] for i in self.indices]
         regions, tags = self.builder.image_sizes(images)
         if not self.with_tags:
             tags = np.zeros_like(tags)
+        if len(words):
+            self.bound_swaps(words, tags, regions, self.swaps if swaps is None else swaps)
         return self.builder.text_lengths(words, tags, self.max_text_len), regions
+
+    def bound_swaps(self, words: np.ndarray, tags: np.ndarray, regions: np.ndarray,
+                    swaps: frozenset[str]) -> None:
+        """Raise, in place, each part an item may take from another example (`swaps`) to the
+        dataset's largest."""
+        for part, values in (("words", words), ("tags", tags), ("image", regions)):
+            if part in swaps or (part == "tags" and "image" in swaps):
+                values[:] = values.max()
 
     def lengths(self) -> np.ndarray:
         """Input units (text tokens + regions) of each item, for length-bucketed batches

@@ -6,6 +6,7 @@ The objectives are tasks of stage "pretrain" (tasks/), mixed by `pretrain.tasks`
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlp_cli import VlpError
@@ -29,24 +30,41 @@ from vlp_cli.training import TrainTask, train
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class Source:
+    """One corpus of the run: its directories, sampling ratio and objectives' ratios."""
+
+    corpus: Path
+    features: Path
+    ratio: float
+    tasks: dict[str, float]
+
+
 def corpus_sources(recipe: Recipe, corpus: Path | list[Path] | None,
-                   features: Path | list[Path] | None) -> list[tuple[Path, Path, float]]:
-    """(corpus, features, ratio) of each corpus: the command line's (paired in order, ratio 1
-    each) or, without them, the recipe's `pretrain.corpora`."""
+                   features: Path | list[Path] | None) -> list[Source]:
+    """Each corpus of the run: the command line's (paired in order), or, without them, the
+    recipe's `pretrain.corpora`. Recipe entries without directories describe the command
+    line's corpora in order (ratio and objectives); a corpus with no entry gets ratio 1 and
+    `pretrain.tasks`."""
+    cfg = recipe.pretrain
     cs = [corpus] if isinstance(corpus, (str, Path)) else list(corpus or [])
     fs = [features] if isinstance(features, (str, Path)) else list(features or [])
+    slots = [e for e in cfg.corpora if not e.corpus]
     if cs or fs:
         if len(cs) != len(fs):
             raise VlpError(f"{len(cs)} --corpus and {len(fs)} --features given: give one "
                            "--features (the store it was built on) per --corpus, in order")
-        if recipe.pretrain.corpora:
+        if cfg.corpora and not slots:
             logger.warning("--corpus/--features given: the recipe's pretrain.corpora (and "
                            "their ratios) are not used")
-        return [(Path(c), Path(f), 1.0) for c, f in zip(cs, fs)]
-    if not recipe.pretrain.corpora:
+        return [Source(Path(c), Path(f), slots[i].ratio if i < len(slots) else 1.0,
+                       dict((slots[i].tasks if i < len(slots) else {}) or cfg.tasks))
+                for i, (c, f) in enumerate(zip(cs, fs))]
+    if not cfg.corpora or slots:
         raise VlpError("no corpus: pass --corpus DIR --features DIR, or list them in the "
-                       "recipe under pretrain.corpora")
-    return [(Path(e.corpus), Path(e.features), e.ratio) for e in recipe.pretrain.corpora]
+                       "recipe under pretrain.corpora (with their corpus and features)")
+    return [Source(Path(e.corpus), Path(e.features), e.ratio, dict(e.tasks or cfg.tasks))
+            for e in cfg.corpora]
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -76,23 +94,35 @@ def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[
     objectives = [registry.get(name, "pretrain").bind(recipe) for name in cfg.tasks]
     names = [t.name for t in objectives]
     sources = corpus_sources(recipe, corpus, features)
-    opened = [open_inputs(c, f) for c, f, _ in sources]
+    idle = [n for n in names if not any(n in s.tasks for s in sources)]
+    if idle and not recipe.pretrain.corpora[len(sources):]:
+        raise VlpError(f"pretrain.tasks: {', '.join(idle)} runs on no corpus (no "
+                       "pretrain.corpora entry's tasks names it): add it to one or remove it")
+    if idle:  # named only for corpora the command line did not give (the demo's, alone)
+        logger.warning("%s: only for pretrain.corpora entries %d and later, and %d corpus "
+                       "given: not run", ", ".join(idle), len(sources) + 1, len(sources))
+        objectives = [t for t in objectives if t.name not in idle]
+        names = [t.name for t in objectives]
+    opened = [open_inputs(s.corpus, s.features) for s in sources]
     first = opened[0].features
-    for (c, f, _), inp in zip(sources[1:], opened[1:]):
+    for src, inp in zip(sources[1:], opened[1:]):
         if inp.features.extractor_fingerprint != first.extractor_fingerprint:
-            raise VlpError(f"features {f} were extracted in another feature space than "
-                           f"{sources[0][1]} (extractor {inp.features.extractor_fingerprint} "
-                           f"vs {first.extractor_fingerprint}): extract every corpus's images "
+            raise VlpError(f"features {src.features} were extracted in another feature space "
+                           f"than {sources[0].features} (extractor "
+                           f"{inp.features.extractor_fingerprint} vs "
+                           f"{first.extractor_fingerprint}): extract every corpus's images "
                            "with the same recipe's extract section")
     random_init = recipe.model.init.startswith("random:")
     tok = load_tokenizer(recipe.corpus.tokenizer if random_init else recipe.model.init)
-    for (c, _, _), inp in zip(sources, opened):
+    for inp in opened:
         check_tokenizer(tok, inp.corpus, f"model.init {recipe.model.init!r}")
     identity = run_identity("pretrain", "+".join(names), recipe, ["pretrain", *names], {
         "corpus": "+".join(str(i.corpus.meta.get("fingerprint")) for i in opened),
         "features": "+".join(i.features.fingerprint for i in opened),
         "init": recipe.model.init,
-        **({"ratios": [r for _, _, r in sources]} if len(sources) > 1 else {})})
+        **({"ratios": [s.ratio for s in sources]} if len(sources) > 1 else {}),
+        **({"mixes": [s.tasks for s in sources]} if any(s.tasks != cfg.tasks for s in sources)
+           else {})})
     state = prepare_out(out, resume, identity, auto_resume)
     # The region classes of the union, in order of first appearance (MRC's label space).
     labels = list(dict.fromkeys(x for i in opened for x in i.features.labels))
@@ -115,11 +145,13 @@ def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[
         seed=recipe.seed, image_embedder=recipe.model.image_embedder)
     apply_model_options(model, recipe)
     freeze_unused(model, objectives)
-    tags = _labels([c for c, _, _ in sources]) if len(sources) > 1 else [""]
+    tags = _labels([s.corpus for s in sources]) if len(sources) > 1 else [""]
+    # One stream per (objective, corpus running it), weighted by both ratios.
     work = [TrainTask(t.name + (f"@{tag}" if tag else ""), t.dataset(ctx, "train", recipe.seed),
-                      Collator(builder.pad_id, t.collate), t.step, cfg.tasks[t.name] * ratio,
+                      Collator(builder.pad_id, t.collate), t.step, src.tasks[t.name] * src.ratio,
                       eval_dataset=t.dataset(ctx, "val", recipe.seed + 1))
-            for t in objectives for ctx, tag, (_, _, ratio) in zip(ctxs, tags, sources)]
+            for t in objectives for ctx, tag, src in zip(ctxs, tags, sources)
+            if t.name in src.tasks]
     meta = {"task": "pretrain", "tasks": {t.name: t.state for t in objectives},
             "objectives": [o for t in objectives
                            for o in getattr(t, "objectives", lambda r: [t.name])(recipe)],
@@ -127,7 +159,7 @@ def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[
             "features": features_meta(first)}
     if len(sources) > 1:
         meta["corpora"] = [{**corpus_meta(i.corpus), "features": features_meta(i.features),
-                            "ratio": r} for i, (_, _, r) in zip(opened, sources)]
+                            "ratio": s.ratio, "tasks": s.tasks} for i, s in zip(opened, sources)]
 
     def save(m: object, step: int) -> None:
         save_checkpoint(out, m, tok, {**meta, "step": step}, recipe)

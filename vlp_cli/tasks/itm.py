@@ -32,6 +32,7 @@ class ItmDataset(TaskDataset):
         super().__init__(corpus, builder, indices, seed)
         self.neg_prob, self.tags, self.max_text_len = neg_prob, tags, max_text_len
         self.with_tags = tags
+        self.swaps = frozenset({"image"} if neg_prob > 0 else ())
 
     def __getitem__(self, i: int) -> dict:
         rng = self.rng(i)

@@ -60,6 +60,11 @@ class MaskedDataset(TaskDataset):
         self.with_tags = tags
         self.num_labels = len(labels)
         self.map = label_map(builder.features.labels if builder.features else [], labels)
+        # The classes this corpus's detector can give: a union of several stores' label sets
+        # is scored within each store's own (`own_classes`), so that one detector's names
+        # never compete with another's for the same region.
+        self.space = np.zeros(self.num_labels, bool)
+        self.space[self.map[self.map >= 0]] = True
 
     def __getitem__(self, i: int) -> dict:
         rng = self.rng(i)
@@ -86,13 +91,14 @@ class MaskedDataset(TaskDataset):
                 rows = np.flatnonzero(classes >= 0)
                 soft[rows, classes[rows]] = 1.0
         return self.item(text, img, mlm_labels=labels, region_masked=masked,
-                         region_classes=classes, region_probs=soft)
+                         region_classes=classes, region_probs=soft, label_space=self.space)
 
 
 def collate_masked(items: list[dict], batch: dict) -> None:
     """The masked fields: MLM labels [B, T]; `region_masked` [B, R]; the masked regions'
     original features `feat_targets` [M, F] (then zeroed in `img_feats`), their classes
-    `region_targets` [M] (-100: none) and distributions `soft_targets` [M, C] when read."""
+    `region_targets` [M] (-100: none), distributions `soft_targets` [M, C] when read, and the
+    classes the batch's stores can give, `label_space` [C] bool."""
     import torch
 
     batch["mlm_labels"] = pad_labels(items, "mlm_labels", batch["input_ids"].shape[1])
@@ -108,6 +114,8 @@ def collate_masked(items: list[dict], batch: dict) -> None:
     batch["feat_targets"] = batch["img_feats"][masked].clone()
     batch["img_feats"][masked] = 0.0
     batch["region_targets"] = classes[masked]
+    if items and len(items[0]["label_space"]):
+        batch["label_space"] = torch.from_numpy(np.any([x["label_space"] for x in items], 0))
     if items and items[0]["region_probs"] is not None:
         c = items[0]["region_probs"].shape[1]
         soft = torch.zeros((b, r, c))
@@ -152,6 +160,13 @@ class MaskedObjective(Objective):
 
     def collate(self, items: list[dict], batch: dict) -> None:
         collate_masked(items, batch)
+
+
+def own_classes(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Region-class logits [M, C] (fp32) with the classes no store of the batch has set to
+    -1e4: finite, so that KL's zero targets there stay 0 x finite."""
+    space = batch.get("label_space")
+    return logits if space is None else logits.masked_fill(~space, -1e4)
 
 
 def region_states(model: Any, batch: dict) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vlp_cli.tasks.base import Stats, count_stat, mean_stat
-from vlp_cli.tasks.masking import MaskedObjective, region_states
+from vlp_cli.tasks.masking import MaskedObjective, own_classes, region_states
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +34,8 @@ class Mrc(MaskedObjective):
         import torch.nn.functional as F
 
         hidden = region_states(model, batch)
-        logits = model.region_outputs("region_cls", hidden, batch["region_masked"]).float()
+        logits = own_classes(
+            model.region_outputs("region_cls", hidden, batch["region_masked"]).float(), batch)
         target = batch["region_targets"]  # [M], -100 where the region has no class
         valid = target != -100
         n = int(valid.sum())

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from vlp_cli.tasks.base import Stats, count_stat, mean_stat
-from vlp_cli.tasks.masking import MaskedObjective, region_states
+from vlp_cli.tasks.masking import MaskedObjective, own_classes, region_states
 from vlp_cli.tasks.mrc import region_classifier
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ class Mrckl(MaskedObjective):
         import torch.nn.functional as F
 
         hidden = region_states(model, batch)
-        logits = model.region_outputs("region_cls", hidden, batch["region_masked"]).float()
+        logits = own_classes(
+            model.region_outputs("region_cls", hidden, batch["region_masked"]).float(), batch)
         target = batch["soft_targets"].float()  # [M, C], the detector's distribution
         logp = F.log_softmax(logits, -1)
         # KL(target || model) per element, as F.kl_div(log q, p) computes it; UNITER's code

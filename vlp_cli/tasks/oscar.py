@@ -36,6 +36,16 @@ class PretrainDataset(TaskDataset):
         self.cfg = cfg
         self.max_text_len = max_text_len
         self.num_classes = 3 if cfg.caption_pollute_prob > 0 else 2
+        polluted = cfg.pollute_prob > 0
+        self.swaps = frozenset((["tags"] if polluted else [])
+                               + (["words"] if cfg.caption_pollute_prob > 0 else []))
+
+    def bound_swaps(self, words: np.ndarray, tags: np.ndarray, regions: np.ndarray,
+                    swaps: frozenset[str]) -> None:
+        # An image without tags gets its caption polluted whatever caption_pollute_prob.
+        if "tags" in swaps:
+            words[tags == 0] = words.max()
+        super().bound_swaps(words, tags, regions, swaps)
 
     def __getitem__(self, i: int) -> dict:
         rng = self.rng(i)

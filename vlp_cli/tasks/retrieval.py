@@ -52,8 +52,10 @@ class RetrievalTrainDataset(TaskDataset):
         return self.item(text, img, match=match)
 
     def lengths(self) -> np.ndarray:
-        # An item is two sequences (matched and unmatched) of about the caption's length.
-        return 2 * super().lengths()
+        # An item is two sequences: the matched pair, and the unmatched one, which may take
+        # another example's words or image (bounded by the largest).
+        own, neg = self.sizes(frozenset()), self.sizes(frozenset({"words", "image"}))
+        return own[0] + own[1] + neg[0] + neg[1]
 
     def negative_example(self, rng: np.random.Generator, i: int, image: str) -> dict:
         if self.shared_tag_negatives > 0 and rng.random() < self.shared_tag_negatives:
