@@ -182,3 +182,31 @@ def test_a_fresh_head_depends_on_the_seed_and_its_name_only() -> None:
     assert torch.equal(torch.random.get_rng_state(), state)  # the global generator untouched
     m3 = tiny_model().with_heads([HeadSpec("new", "linear", 2)], seed=3)
     assert torch.equal(m2.heads["new"].weight, m3.heads["new"].weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_padding_and_causal_masks_stay_finite_under_autocast(dtype: torch.dtype) -> None:
+    """The additive mask is finfo(float32).min, -inf once cast to fp16: harmless because no
+    query row is ever wholly masked (every query sees [CLS]), so padded words, padded regions
+    and captioning's causal words stay finite. The CPU's autocast; not yet run on a GPU."""
+    from vlp_cli.model import HeadSpec, VLPModel
+
+    torch.manual_seed(0)
+    model = VLPModel.from_text_encoder("random:tiny", 16, [HeadSpec("itm", "linear", 2)],
+                                       vocab_size=100).eval()
+    b, t, r = 3, 7, 5
+    ids = torch.randint(0, 100, (b, t))
+    text_mask = torch.ones(b, t, dtype=torch.bool)
+    text_mask[0, 4:] = False
+    img_mask = torch.ones(b, r, dtype=torch.bool)
+    img_mask[1, 2:] = False
+    attn = torch.ones(b, t + r, t + r, dtype=torch.bool)
+    attn[:, :t, :t] = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    args = (ids, torch.zeros_like(ids), text_mask, torch.randn(b, r, 16), torch.rand(b, r, 7),
+            img_mask)
+    plain = model(*args)
+    with torch.autocast("cpu", dtype=dtype):
+        full, causal = model(*args), model(*args, attn)
+    assert torch.isfinite(full).all() and torch.isfinite(causal).all()
+    keep = torch.cat([text_mask, img_mask], 1)
+    assert (full - plain)[keep].abs().max() < 0.1  # the same function, at lower precision
