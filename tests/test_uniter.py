@@ -228,22 +228,25 @@ def test_each_corpus_runs_its_own_objectives(probs_world: dict, tiny_data: dict,
     names = {k.split("/")[0] for r in rows if r["split"] == "val" for k in r if "/" in k}
     assert names == {"oscar@corpus0", "mlm@corpus1", "mrc@corpus1"}, names
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    assert [(c["ratio"], c["tasks"]) for c in meta["corpora"]] == [
+    assert [(c["ratio"], c["mix"]) for c in meta["corpora"]] == [
         (3.0, {"oscar": 2.0}), (1.0, {"mlm": 1.0, "mrc": 1.0})]
     with pytest.raises(VlpError, match=r"corpora\[1\]\.tasks\.itm.*not in"):
         load_recipe("tiny", base + ["pretrain.corpora=[{tasks: {oscar: 1}}, {tasks: {itm: 1}}]"])
     with pytest.raises(VlpError, match="every entry its directories, or none"):
         load_recipe("tiny", base + ["pretrain.corpora=[{corpus: a, features: b}, {ratio: 2}]"])
-    idle = load_recipe("tiny", base + ["pretrain.corpora=[{tasks: {oscar: 1}}, {tasks: {mlm: 1}}]"])
+    with pytest.raises(VlpError, match=r"corpora\[0\]\.tasks\.nope' is not a pre-training"):
+        load_recipe("tiny", base + ["pretrain.corpora=[{tasks: {nope: 1}}]"])
     with pytest.raises(VlpError, match="mrc runs on no corpus"):
-        pretrain.run(idle, corpora, feats, tmp_path / "b")
+        load_recipe("tiny", base + ["pretrain.corpora=[{tasks: {oscar: 1}}, {tasks: {mlm: 1}}]"])
+    with pytest.raises(VlpError, match="pretrain.corpora=\\[\\]"):
+        load_recipe("tiny", ["pretrain.tasks={oscar: 1}"])
     with pytest.raises(VlpError, match="no corpus"):
-        pretrain.run(idle, None, None, tmp_path / "c")
+        pretrain.run(load_recipe("tiny", sets), None, None, tmp_path / "c")
     # One corpus given where the recipe describes two: the objectives of the second only
     # are left out (with a warning), the first corpus's run.
     pretrain.run(load_recipe("tiny", sets), corpora[:1], feats[:1], tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
-    assert list(meta["tasks"]) == ["oscar"]
+    assert list(meta["tasks"]) == ["oscar"] and meta["mix"] == {"oscar": 2.0}
 
 
 def test_labels_of_several_stores_map_into_one_space() -> None:

@@ -19,12 +19,13 @@ a non-finite step) are taken once, from one all-reduce per optimiser step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,25 +73,12 @@ class TrainResult:
 def _sampler(task: TrainTask, cfg: TrainCfg, seed: int, rank: int, world: int,
              cfg_key: str) -> Any | None:
     """The task's own batch sampler; else, with `batching: units`, length buckets over its
-    dataset's `lengths()`; else None (the Stream's fixed-size EpochBatches)."""
+    dataset's `units()`; else None (the Stream's fixed-size EpochBatches)."""
     if task.sampler is not None or cfg.batching == "fixed":
         return task.sampler
-    from vlp_cli.data.buckets import BucketBatches
+    from vlp_cli.data.buckets import units_sampler
 
-    if not hasattr(task.dataset, "lengths"):
-        raise VlpError(f"{cfg_key}.batching 'units' needs the lengths of {task.name}'s examples, "
-                       "which its dataset does not give; use batching 'fixed'")
-    lengths = task.dataset.lengths()
-    longest = int(lengths.max()) if len(lengths) else 0
-    if longest > cfg.max_units:
-        raise VlpError(f"{cfg_key}.max_units ({cfg.max_units}) is less than the longest "
-                       f"{task.name} example ({longest} input units: text tokens + regions); "
-                       f"raise it to at least {longest} (UNITER: 10240)")
-    logger.info("%s: batches of at most %d input units (examples of %d to %d, mean %.1f)",
-                task.name, cfg.max_units, int(lengths.min()) if len(lengths) else 0, longest,
-                float(lengths.mean()) if len(lengths) else 0.0)
-    return BucketBatches(lengths, cfg.max_units, seed, rank, world, cfg.grad_accum,
-                         cfg.bucket_size)
+    return units_sampler(task.name, task.dataset, cfg, seed, rank, world, cfg_key)
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
@@ -191,6 +179,18 @@ def _append(path: Path, record: dict) -> None:
 
 def _prefixed(stats: dict, name: str, mixed: bool) -> dict:
     return {f"{name}/{k}": v for k, v in stats.items()} if mixed else stats
+
+
+@contextlib.contextmanager
+def _closed_on_error(accelerator: Any, trackers: bool) -> Iterator[None]:
+    """Close the trackers (flushing their files) when the loop stops on a signal or an error;
+    a run that finishes closes them after its last save."""
+    try:
+        yield
+    except BaseException:
+        if trackers:
+            accelerator.end_training()
+        raise
 
 
 def train(
@@ -347,7 +347,8 @@ def train(
         held = held_out()  # the untrained model: the level each statistic starts from
     start = last_save = time.time()
     module.train()
-    with StopRequest() as stop, progress(disable=not accelerator.is_main_process) as bar:
+    with StopRequest() as stop, progress(disable=not accelerator.is_main_process) as bar, \
+            _closed_on_error(accelerator, bool(cfg.trackers)):
         bar_task = bar.add_task(description, total=cfg.steps, completed=step)
         while step < cfg.steps:
             index = pick(step)
@@ -413,8 +414,6 @@ def train(
                 save()
                 last_save = time.time()
             if flags[1]:
-                if cfg.trackers:  # flushed and closed: their files end at this step
-                    accelerator.end_training()
                 signum = stop.signum or signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} at step {step}: "
                                   f"state saved in {runstate.state_root(out_dir)}; continue "

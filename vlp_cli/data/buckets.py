@@ -14,10 +14,16 @@ a saved (epoch, position) still resumes exactly: the batches of an epoch come fr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
+
+from vlp_cli import VlpError
+
+logger = logging.getLogger(__name__)
 
 # Batch sizes are rounded down to a multiple of this (when at least this many fit), as in
 # UNITER: tensor-core and vectorised kernels like multiples of 8.
@@ -28,21 +34,29 @@ def bucket_batches(lengths: np.ndarray, max_units: int, bucket_size: int,
                    rng: np.random.Generator) -> list[np.ndarray]:
     """One epoch's batches (arrays of indices into `lengths`), in a shuffled order.
 
-    Within a bucket the examples are sorted longest first, so a batch's first member sets its
-    padded length and its size is known at once: `max_units // length`, rounded down to a
-    multiple of 8 when at least 8 fit (one example when even one does not). The last batch of
-    a bucket holds what is left of it.
+    `lengths` is [N] (input units of each example) or [N, parts] (e.g. text tokens and
+    regions, which a batch pads separately: its padded size is count x the sum of each part's
+    maximum). Within a bucket the examples are sorted longest first (by their total) and a
+    batch takes as many as fit the budget, rounded down to a multiple of 8 when at least 8 fit
+    (one example when even one does not). With [N] lengths that is `max_units // length of
+    the first`, as in UNITER. The last batch of a bucket holds what is left of it.
     """
-    order = rng.permutation(len(lengths))
+    lengths = np.asarray(lengths)
+    parts = lengths if lengths.ndim == 2 else lengths[:, None]
+    total = parts.sum(1)
+    order = rng.permutation(len(total))
     batches: list[np.ndarray] = []
     for lo in range(0, len(order), bucket_size):
         bucket = order[lo:lo + bucket_size]
         # Stable, longest first: ties keep the shuffled order.
-        bucket = bucket[np.argsort(-lengths[bucket], kind="stable")]
+        bucket = bucket[np.argsort(-total[bucket], kind="stable")]
         p = 0
         while p < len(bucket):
-            fit = max_units // max(int(lengths[bucket[p]]), 1)
-            count = fit - fit % MULTIPLE if fit >= MULTIPLE else max(fit, 1)
+            # Padded size of a batch ending at each next example: count x sum of the maxima.
+            ahead = parts[bucket[p:p + max(max_units, 1)]]
+            padded = np.maximum.accumulate(ahead, axis=0).sum(1) * np.arange(1, len(ahead) + 1)
+            fit = max(int(np.searchsorted(padded, max_units, side="right")), 1)
+            count = fit - fit % MULTIPLE if fit >= MULTIPLE else fit
             batches.append(bucket[p:p + count])
             p += count
     return [batches[i] for i in rng.permutation(len(batches))]
@@ -59,8 +73,10 @@ class BucketBatches(Sampler[list[int]]):
     epochs; it is that of the epoch set by `set_position`.
 
     Args:
-        lengths: input units (text tokens + regions) of each dataset item.
-        max_units: the budget: (longest member) x (count) of a batch stays within it.
+        lengths: input units of each dataset item, [N] or [N, parts] (text tokens, regions:
+            `TaskDataset.units()`).
+        max_units: the budget: a batch's padded size (count x the sum of its parts' maxima)
+            stays within it.
         seed, rank, world, grad_accum: as `streams.EpochBatches`.
         bucket_size: examples sorted together (UNITER: 8192).
     """
@@ -68,8 +84,9 @@ class BucketBatches(Sampler[list[int]]):
     def __init__(self, lengths: np.ndarray, max_units: int, seed: int, rank: int, world: int,
                  grad_accum: int, bucket_size: int = 8192):
         self.lengths = np.asarray(lengths, dtype=np.int64)
-        if len(self.lengths) and int(self.lengths.max()) > max_units:
-            raise ValueError(f"the longest example has {int(self.lengths.max())} input units, "
+        total = self.lengths.sum(1) if self.lengths.ndim == 2 else self.lengths
+        if len(total) and int(total.max()) > max_units:
+            raise ValueError(f"the longest example has {int(total.max())} input units, "
                              f"more than max_units={max_units}")
         self.max_units, self.bucket_size = int(max_units), int(bucket_size)
         self.seed, self.rank, self.world, self.grad_accum = seed, rank, world, grad_accum
@@ -100,3 +117,24 @@ class BucketBatches(Sampler[list[int]]):
         batches = self.batches(self.epoch)
         for i in range(self.start, self.per_rank):
             yield batches[i * self.world + self.rank].tolist()
+
+
+def units_sampler(name: str, dataset: Any, cfg: Any, seed: int, rank: int, world: int,
+                  cfg_key: str) -> BucketBatches:
+    """Length buckets over a task dataset's `units()` under `cfg` (a TrainCfg with
+    `batching: units`), with one clear line when they cannot be built."""
+    if not hasattr(dataset, "units"):
+        raise VlpError(f"{cfg_key}.batching 'units' needs the lengths of {name}'s examples, "
+                       "which its dataset does not give; use batching 'fixed'")
+    units = dataset.units()  # [N, 2]: text tokens, regions (padded separately)
+    lengths = units.sum(1)
+    longest = int(lengths.max()) if len(lengths) else 0
+    if longest > cfg.max_units:
+        raise VlpError(f"{cfg_key}.max_units ({cfg.max_units}) is less than the longest "
+                       f"{name} example ({longest} input units: text tokens + regions); "
+                       f"raise it to at least {longest} (UNITER: 10240)")
+    logger.info("%s: batches of at most %d input units (examples of %d to %d, mean %.1f)",
+                name, cfg.max_units, int(lengths.min()) if len(lengths) else 0, longest,
+                float(lengths.mean()) if len(lengths) else 0.0)
+    return BucketBatches(units, cfg.max_units, seed, rank, world, cfg.grad_accum,
+                         cfg.bucket_size)

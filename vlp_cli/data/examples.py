@@ -243,11 +243,14 @@ class TaskDataset:
             if part in swaps or (part == "tags" and "image" in swaps):
                 values[:] = values.max()
 
+    def units(self) -> np.ndarray:
+        """[N, 2]: the text tokens and regions each item brings to its padded batch (a batch
+        pads each part to its own maximum), for length-bucketed batches (`data.buckets`)."""
+        return np.stack(self.sizes(), 1)
+
     def lengths(self) -> np.ndarray:
-        """Input units (text tokens + regions) of each item, for length-bucketed batches
-        (`data.buckets`)."""
-        text, regions = self.sizes()
-        return text + regions
+        """Input units (text tokens + regions) of each item."""
+        return self.units().sum(1)
 
     def rng(self, i: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, int(i)])

@@ -57,9 +57,14 @@ def corpus_sources(recipe: Recipe, corpus: Path | list[Path] | None,
         if cfg.corpora and not slots:
             logger.warning("--corpus/--features given: the recipe's pretrain.corpora (and "
                            "their ratios) are not used")
-        return [Source(Path(c), Path(f), slots[i].ratio if i < len(slots) else 1.0,
-                       dict((slots[i].tasks if i < len(slots) else {}) or cfg.tasks))
-                for i, (c, f) in enumerate(zip(cs, fs))]
+        out = [Source(Path(c), Path(f), slots[i].ratio if i < len(slots) else 1.0,
+                      dict((slots[i].tasks if i < len(slots) else {}) or cfg.tasks))
+               for i, (c, f) in enumerate(zip(cs, fs))]
+        for i, src in enumerate(out):
+            logger.info("--corpus %s: %s, ratio %g, objectives %s", src.corpus,
+                        f"pretrain.corpora[{i}]" if i < len(slots) else "no pretrain.corpora "
+                        "entry", src.ratio, ", ".join(f"{n} {r:g}" for n, r in src.tasks.items()))
+        return out
     if not cfg.corpora or slots:
         raise VlpError("no corpus: pass --corpus DIR --features DIR, or list them in the "
                        "recipe under pretrain.corpora (with their corpus and features)")
@@ -99,8 +104,10 @@ def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[
         raise VlpError(f"pretrain.tasks: {', '.join(idle)} runs on no corpus (no "
                        "pretrain.corpora entry's tasks names it): add it to one or remove it")
     if idle:  # named only for corpora the command line did not give (the demo's, alone)
-        logger.warning("%s: only for pretrain.corpora entries %d and later, and %d corpus "
-                       "given: not run", ", ".join(idle), len(sources) + 1, len(sources))
+        logger.warning("%s: named only by pretrain.corpora entries %d and later, and %d "
+                       "corpus given: not run (--set 'pretrain.corpora=[]' runs every "
+                       "objective of pretrain.tasks on every corpus)", ", ".join(idle),
+                       len(sources) + 1, len(sources))
         objectives = [t for t in objectives if t.name not in idle]
         names = [t.name for t in objectives]
     opened = [open_inputs(s.corpus, s.features) for s in sources]
@@ -159,7 +166,9 @@ def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[
             "features": features_meta(first)}
     if len(sources) > 1:
         meta["corpora"] = [{**corpus_meta(i.corpus), "features": features_meta(i.features),
-                            "ratio": s.ratio, "tasks": s.tasks} for i, s in zip(opened, sources)]
+                            "ratio": s.ratio, "mix": s.tasks} for i, s in zip(opened, sources)]
+    else:
+        meta["mix"] = sources[0].tasks  # the objectives that ran, with their ratios
 
     def save(m: object, step: int) -> None:
         save_checkpoint(out, m, tok, {**meta, "step": step}, recipe)

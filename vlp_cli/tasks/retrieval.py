@@ -51,11 +51,12 @@ class RetrievalTrainDataset(TaskDataset):
         text = self.builder.text(words, self.builder.tag_ids(img.tag_classes), self.max_text_len)
         return self.item(text, img, match=match)
 
-    def lengths(self) -> np.ndarray:
-        # An item is two sequences: the matched pair, and the unmatched one, which may take
-        # another example's words or image (bounded by the largest).
+    def units(self) -> np.ndarray:
+        # An item is two sequences, each padded to the batch's longest text and region list:
+        # the matched pair, and the unmatched one, which may take another example's words or
+        # image (bounded by the largest).
         own, neg = self.sizes(frozenset()), self.sizes(frozenset({"words", "image"}))
-        return own[0] + own[1] + neg[0] + neg[1]
+        return 2 * np.stack([np.maximum(own[0], neg[0]), np.maximum(own[1], neg[1])], 1)
 
     def negative_example(self, rng: np.random.Generator, i: int, image: str) -> dict:
         if self.shared_tag_negatives > 0 and rng.random() < self.shared_tag_negatives:
