@@ -248,19 +248,14 @@ class PretrainCfg:
         if len({bool(e.corpus or e.features) for e in self.corpora}) > 1:
             yield (f"'{k('corpora')}': give every entry its directories, or none (entries "
                    "without them describe the command line's --corpus, in order)")
-        from vlp_cli.tasks import names  # here: the task files import this module
-
-        known = names("pretrain")
         for i, e in enumerate(self.corpora):
             for name, ratio in e.tasks.items():
                 where = f"{k('corpora')}[{i}].tasks.{name}"
-                if name not in known:
-                    yield (f"'{where}' is not a pre-training objective; choose among "
-                           f"{', '.join(known)}")
-                elif name not in self.tasks:
-                    yield (f"'{where}': {name} is not in '{k('tasks')}' (a corpus picks among "
-                           f"the run's objectives): add it there, or drop the per-corpus "
-                           f"mixes with --set '{k('corpora')}=[]'")
+                if name not in self.tasks:
+                    yield (f"'{where}': a corpus picks among the run's objectives "
+                           f"('{k('tasks')}': {', '.join(self.tasks)}), and {name} is not "
+                           f"one: name one of them, add {name} there, or drop the "
+                           f"per-corpus mixes with --set '{k('corpora')}=[]'")
                 elif not ratio > 0:
                     yield f"'{where}' must be > 0 (a mix ratio), got {ratio!r}"
         if self.corpora and all(e.tasks for e in self.corpora):
