@@ -91,7 +91,9 @@ def _part(text: np.ndarray, regions: np.ndarray, batch_size: int, bucket_size: i
                                     "fixed, packed": []}
     for epoch in range(1, reps + 1):
         rng = np.random.default_rng([0, epoch])
-        arms = {"bucketed": bucket_batches(units, max_units, bucket_size, rng),
+        # Sized as training sizes them: count x (longest text + most regions).
+        arms = {"bucketed": bucket_batches(np.stack([text, regions], 1), max_units,
+                                           bucket_size, rng),
                 "fixed": fixed_batches(len(units), batch_size, rng)}
         for arm, batches in arms.items():
             runs[arm].append(padded_fraction(text, regions, batches))
