@@ -364,3 +364,38 @@ def test_oscar_image_embedder_saves_and_reloads(probs_world: dict, tmp_path: Pat
     assert again.config.image_embedder == "oscar"
     for (n, a), (_, b) in zip(m.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_region_classes_from_a_store_without_classes_is_one_line(tmp_path: Path) -> None:
+    """MRC on a store that names no classes (grid boxes): one line naming the store and the
+    way out, not a traceback."""
+    from vlp_cli import VlpError
+    from vlp_cli.stages import corpus, pretrain
+    from vlp_cli.stores.features import FeatureStoreWriter
+
+    rng = np.random.default_rng(3)
+    w = FeatureStoreWriter(tmp_path / "f", {"extractor": {"name": "grid"}, "feature_dim": 16,
+                                            "labels": []})
+    lines = []
+    for i in range(8):
+        r = make_regions(rng, 4, 16)
+        r.class_ids[:] = -1
+        w.put(f"g{i}", r)
+        lines.append({"image": f"g{i}", "caption": f"a grid of things {i}", "split": "train"})
+    w.close()
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recipe = tiny_recipe_obj()
+    corpus.run([str(tmp_path / "d.jsonl")], tmp_path / "f", tmp_path / "c", recipe)
+    from vlp_cli.config import load_recipe
+    from conftest import tiny_recipe_sets
+
+    for name in ("mrc", "mrckl"):
+        sets = tiny_recipe_sets() + [f"pretrain.tasks={{mlm: 1, {name}: 1}}"]
+        with pytest.raises(VlpError, match=rf"{name} classifies regions, but feature store "
+                                           rf".*names no region classes.*take {name} out"):
+            pretrain.run(load_recipe("tiny", sets), [tmp_path / "c"], [tmp_path / "f"],
+                         tmp_path / f"o-{name}")
+        assert not (tmp_path / f"o-{name}" / "model.safetensors").exists()
+    # MRFR needs no classes: it regresses the features.
+    sets = tiny_recipe_sets() + ["pretrain.tasks={mrfr: 1}"]
+    pretrain.run(load_recipe("tiny", sets), [tmp_path / "c"], [tmp_path / "f"], tmp_path / "m")

@@ -130,6 +130,7 @@ class MaskedObjective(Objective):
     uses_pooler = False
     scores_text = False  # MLM: the words; else the regions
     needs_probs = False  # MRC-kl reads the class distributions
+    needs_classes = False  # MRC and MRC-kl classify regions: the store must name classes
 
     def objectives(self, recipe: Any) -> list[str]:
         return [f"{self.name} ({recipe.pretrain.masking} masking)"]
@@ -149,6 +150,13 @@ class MaskedObjective(Objective):
         if split == "train" and len(idx) == 0:
             raise VlpError(f"corpus {ctx.corpus.path} has no train examples of kinds "
                            f"{sec.text} ({self.name}.text)")
+        store = ctx.builder.features
+        if self.needs_classes and not (store and store.labels):
+            raise VlpError(
+                f"{self.name} classifies regions, but feature store "
+                f"{store.path if store else '(none)'} names no region classes (grid boxes, or "
+                f"boxes given without classes): take {self.name} out of pretrain.tasks, or out "
+                f"of this corpus's pretrain.corpora entry, or extract with a detector")
         joint = ctx.recipe.pretrain.masking == "joint"
         p = sec.mask_prob
         return MaskedDataset(ctx.corpus, ctx.builder, idx,

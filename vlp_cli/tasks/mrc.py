@@ -26,6 +26,7 @@ class Mrc(MaskedObjective):
     help = "UNITER: masked region classification (detector's top class), words whole"
     metrics = ("mrc_acc",)
     report = ("mrc_acc",)
+    needs_classes = True
 
     def heads(self, ctx: Context) -> list[HeadSpec]:
         return region_classifier(self, ctx)

@@ -21,6 +21,7 @@ class Mrckl(MaskedObjective):
     help = "UNITER: masked region classification by KL to the detector's class distribution"
     metrics = ("mrckl_kl", "mrc_acc")
     report = ("mrckl_kl", "mrc_acc")
+    needs_classes = True
     needs_probs = True
 
     def heads(self, ctx: Context) -> list[HeadSpec]:
