@@ -7,12 +7,11 @@ random weights; the same weights in both) over the same examples:
   maximum text length and region count, fixed batches of 32: as the Oscar code pads.
 - vlp: SDPA attention (transformers' default), length-bucketed batches (`data.buckets`, budget
   32 x (max text + max regions) units: the fixed batch's size) padded to each batch's own
-  lengths.
+  lengths, sized and sorted as training does (text and regions padded each to its maximum).
 
 Two length distributions: the demo corpus's own training examples (the tiny recipe: 35 + 10,
 1280-d features; the target), and the padding benchmark's COCO-like one (35 + 50, 2048-d;
-reported: text and regions are padded separately, so bucketing by their sum leaves more
-padding there).
+reported).
 
 A repetition is one pass over the examples in each arm, interleaved (`common.interleave`).
 """
@@ -75,8 +74,9 @@ def _measure(reps: int, text: np.ndarray, regions: np.ndarray, batch_size: int,
     fixed = [_batch(text[b], regions[b], max_text, max_regions, dim, g)
              for b in fixed_batches(examples, batch_size, rng)]
     budget = batch_size * (max_text + max_regions)
+    # Sized and sorted as training does: text and regions are padded each to its maximum.
     ours = [_batch(text[b], regions[b], int(text[b].max()), int(regions[b].max()), dim, g)
-            for b in bucket_batches(units, budget, 8192, rng)]
+            for b in bucket_batches(np.stack([text, regions], 1), budget, 8192, rng)]
     config = {**tiny_bert(30522), **(bert or MINI), "hidden_dropout_prob": 0.1,
               "attention_probs_dropout_prob": 0.1}
     torch.manual_seed(0)
