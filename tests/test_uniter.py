@@ -399,3 +399,18 @@ def test_region_classes_from_a_store_without_classes_is_one_line(tmp_path: Path)
     # MRFR needs no classes: it regresses the features.
     sets = tiny_recipe_sets() + ["pretrain.tasks={mrfr: 1}"]
     pretrain.run(load_recipe("tiny", sets), [tmp_path / "c"], [tmp_path / "f"], tmp_path / "m")
+
+
+def test_a_run_identity_without_per_corpus_objectives_reads_as_0_4_0_wrote_it() -> None:
+    """Runs that 0.4.0 started with pretrain.corpora (before entries had `tasks`) resume."""
+    from vlp_cli.config import load_recipe
+    from vlp_cli.stages.common import run_identity
+    from conftest import tiny_recipe_sets
+
+    sets = tiny_recipe_sets() + ["pretrain.corpora=[{corpus: a, features: b, ratio: 2}]"]
+    ident = run_identity("pretrain", "x", load_recipe("tiny", sets), ["pretrain"], {})
+    assert ident["recipe"]["pretrain"]["corpora"] == [{"corpus": "a", "features": "b",
+                                                       "ratio": 2.0}]
+    sets[-1] = "pretrain.corpora=[{corpus: a, features: b, tasks: {oscar: 1}}]"
+    ident = run_identity("pretrain", "x", load_recipe("tiny", sets), ["pretrain"], {})
+    assert ident["recipe"]["pretrain"]["corpora"][0]["tasks"] == {"oscar": 1.0}

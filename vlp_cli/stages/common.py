@@ -156,6 +156,11 @@ def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],
         if "train" in sec:
             sec["train"] = {k: v for k, v in sec["train"].items()
                             if k not in RESUMABLE_TRAIN_KEYS}
+        if section == "pretrain":
+            # An entry without objectives of its own reads as vlp 0.4.0 wrote it (before
+            # `tasks`), so that the runs it started still resume.
+            sec["corpora"] = [{k: v for k, v in c.items() if k != "tasks" or v}
+                              for c in sec.get("corpora", [])]
         parts[section] = sec
     # "layout" 2: task modules (vlp 0.3); states of older runs hold other head and recipe
     # names, which this vlp cannot continue.
