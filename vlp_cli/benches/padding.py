@@ -93,18 +93,14 @@ def _part(text: np.ndarray, regions: np.ndarray, batch_size: int, bucket_size: i
     for epoch in range(1, reps + 1):
         rng = np.random.default_rng([0, epoch])
         # Sized as training sizes them: count x (longest text + most regions).
-        arms = {"bucketed": bucket_batches(np.stack([text, regions], 1), max_units,
-                                           bucket_size, rng),
-                "fixed": fixed_batches(len(units), batch_size, np.random.default_rng([1, epoch])),
-                # A packing layout sizes and sorts by the total (UNITER's own buckets).
-                "bucketed, packed": bucket_batches(units, max_units, bucket_size,
-                                                   np.random.default_rng([2, epoch]))}
-        for arm, batches in arms.items():
-            if arm != "bucketed, packed":
-                runs[arm].append(padded_fraction(text, regions, batches))
-            if arm != "bucketed":
-                runs[arm if arm.endswith("packed") else f"{arm}, packed"].append(
-                    padded_fraction(text, regions, batches, packed=True))
+        bucketed = bucket_batches(np.stack([text, regions], 1), max_units, bucket_size, rng)
+        fixed = fixed_batches(len(units), batch_size, np.random.default_rng([1, epoch]))
+        # A packing layout sizes and sorts by the total (UNITER's own buckets).
+        packed = bucket_batches(units, max_units, bucket_size, np.random.default_rng([2, epoch]))
+        runs["bucketed"].append(padded_fraction(text, regions, bucketed))
+        runs["fixed"].append(padded_fraction(text, regions, fixed))
+        runs["bucketed, packed"].append(padded_fraction(text, regions, packed, packed=True))
+        runs["fixed, packed"].append(padded_fraction(text, regions, fixed, packed=True))
     part = value_summary(runs.pop("bucketed"), target, "<=", "padded fraction")
     part.update(examples=len(units), batch_size=batch_size, max_units=max_units,
                 bucket_size=bucket_size, units_mean=round(float(units.mean()), 2),
