@@ -95,3 +95,22 @@ def test_same_seed_same_weights(tiny_data: dict, tmp_path: Path) -> None:
     for a, b in zip(*outs):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluating_does_not_change_what_is_trained(tiny_data: dict, tmp_path: Path) -> None:
+    """Held-out passes leave the global RNG (dropout's) alone: a run that evaluates every step
+    trains the same weights as one that never does."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for every in (1, 0):
+        out = tmp_path / f"every{every}"
+        _run_pretrain(tiny_data, out, steps=3,
+                      extra=[f"pretrain.train.eval_every={every}", "pretrain.train.save_every=0",
+                             "pretrain.train.eval_at_start=false"])
+        runs[every] = load_file(out / "model.safetensors")
+    val = {e: sum(r["split"] == "val" for r in _records(tmp_path / f"every{e}")) for e in runs}
+    assert val[1] > val[0], val
+    assert runs[1].keys() == runs[0].keys()
+    for k in runs[0]:
+        assert (runs[1][k] == runs[0][k]).all(), k

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlp_cli import VlpError, faults, runstate
 from vlp_cli.config import TrainCfg
 from vlp_cli.console import progress
+from vlp_cli.data.datasets import eval_loader
 from vlp_cli.launch import make_accelerator
 from vlp_cli.streams import Interrupted, StopRequest, Stream
 
@@ -270,8 +271,8 @@ def train(
     for t in tasks:
         ev = None
         if t.eval_dataset is not None and len(t.eval_dataset) > 0:
-            ev = DataLoader(t.eval_dataset, batch_size=cfg.batch_size, shuffle=False,
-                            collate_fn=t.collate, num_workers=cfg.num_workers)
+            ev = eval_loader(t.eval_dataset, batch_size=cfg.batch_size, shuffle=False,
+                             collate_fn=t.collate, num_workers=cfg.num_workers)
         eval_loaders.append(ev)
     optimizer = _optimizer(model, cfg)
     # The scheduler is stepped by hand once per optimiser step: accelerate's wrapper would step

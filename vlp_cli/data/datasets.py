@@ -15,7 +15,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
+
+def eval_loader(dataset: Any, **kwargs: Any) -> DataLoader:
+    """A DataLoader for held-out passes that leaves the global torch RNG alone.
+
+    Starting to iterate a DataLoader without its own generator draws a worker base seed from the
+    global RNG, the one dropout uses: every evaluation inside a training run would shift the
+    rest of that run's trajectory, so `eval_every` would change what is trained. Its own
+    generator (seeded 0: held-out datasets draw their randomness from their own seeds) keeps a
+    run the same whether or how often it evaluates.
+    """
+    return DataLoader(dataset, generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 @functools.cache

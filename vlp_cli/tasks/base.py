@@ -187,10 +187,9 @@ def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit:
     process sums its share of the examples (every example once), then the sums are added."""
     import torch
     from accelerate.utils import send_to_device
-    from torch.utils.data import DataLoader
 
     from vlp_cli import VlpError
-    from vlp_cli.data.datasets import Collator
+    from vlp_cli.data.datasets import Collator, eval_loader
 
     ds = task.dataset(ctx, split, ctx.recipe.seed + 1)
     if limit is not None:
@@ -198,7 +197,7 @@ def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit:
     if len(ds) == 0:
         raise VlpError(f"corpus {ctx.corpus.path} has no '{split}' examples for {task.name}")
     ds.indices = ds.indices[accelerator.process_index::accelerator.num_processes]
-    loader = DataLoader(ds, batch_size=32, collate_fn=Collator(ctx.builder.pad_id, task.collate))
+    loader = eval_loader(ds, batch_size=32, collate_fn=Collator(ctx.builder.pad_id, task.collate))
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for batch in loader:
@@ -219,11 +218,11 @@ def sharded_map(accelerator: Any, dataset: Any, collate: Callable, fn: Callable,
     process gathered in dataset order, each example once (`gather_for_metrics` drops the
     padding of an uneven last batch). A progress bar on the main process."""
     import torch
-    from torch.utils.data import DataLoader
 
     from vlp_cli.console import progress
+    from vlp_cli.data.datasets import eval_loader
 
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collate))
+    loader = accelerator.prepare(eval_loader(dataset, batch_size=batch_size, collate_fn=collate))
     parts = []
     with progress(disable=not accelerator.is_main_process) as bar, torch.no_grad():
         t = bar.add_task(label, total=len(dataset))
