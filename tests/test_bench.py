@@ -403,3 +403,14 @@ def test_padding_bench_is_well_formed() -> None:
     r = bench_padding(reps=1, images=12, coco_examples=2000)
     assert set(r["parts"]) == {"easy-vqa", "coco-like"} and r["direction"] == "<="
     assert all(0 <= p["ratio"] < 1 for p in r["parts"].values())
+
+
+def test_decode_bench_is_well_formed() -> None:
+    from vlp_cli.benches.decode import bench_decode
+
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64}
+    r = bench_decode(reps=1, images=4, beam=3, max_len=4, regions=3, dim=16, tags=2, bert=small)
+    assert r["name"] == "decode" and r["identical_captions"] and len(r["ratios"]) == 1
+    assert r["ratio"] > 0 and set(r["parts"]) == {"batch 4", "batch 1 (reported)"}
+    assert 1 <= r["longest_caption"] <= 4

@@ -112,6 +112,11 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     caps = [json.loads(x) for x in (d / "captions.jsonl").read_text().splitlines()]
     assert len(caps) == 4 and all("references" in x and isinstance(x["caption"], str)
                                   for x in caps)
+    vlp("caption", "-k", d / "captioning", "-f", f, "-c", c, "--split", "test", "--beam", "3",
+        "-o", d / "beams.jsonl")
+    beams = [json.loads(x) for x in (d / "beams.jsonl").read_text().splitlines()]
+    assert [x["image"] for x in beams] == [x["image"] for x in caps]
+    assert all(isinstance(x["caption"], str) for x in beams)
     # Raw images: features are extracted the way the checkpoint's were (given boxes here).
     vlp("caption", "-k", d / "captioning", "--images", images["images"] / "test",
         "--boxes", images["boxes"], "-o", d / "from-images.jsonl")

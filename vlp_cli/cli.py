@@ -418,6 +418,8 @@ def caption(
                       "a corpus split, with their reference captions.")] = None,
     split: Annotated[str, typer.Option(help="Split of --corpus.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="At most N images.", min=1)] = None,
+    beam: Annotated[Optional[int], typer.Option(help="Beam size (1: greedy); default the "
+                    "recipe's beam_size.", min=1)] = None,
     allow_incomplete: AllowIncomplete = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
@@ -429,14 +431,14 @@ def caption(
 
         vlp caption -k ckpt-cap/ -f feats/ -c corpus/ --split test --limit 8 -o caps.jsonl
 
-        vlp caption -k ckpt-cap/ --images photos/ -o results/   # results/captions.jsonl
+        vlp caption -k ckpt-cap/ --images photos/ -o results/ --beam 5   # results/captions.jsonl
     """
     _setup(verbose)
     from vlp_cli.stages import caption as stage
 
     stage.run(checkpoint, out, _checkpoint_recipe(checkpoint, recipe, sets),
               features=features, images=images, boxes=boxes, corpus=corpus, split=split,
-              limit=limit, allow_incomplete=allow_incomplete)
+              limit=limit, allow_incomplete=allow_incomplete, beam=beam)
 
 
 @app.command()

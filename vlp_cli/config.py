@@ -375,6 +375,13 @@ class CaptioningCfg:
     max_masked: int = num(3, ge=1)  # Oscar: at most 3 masked caption tokens per example
     label_smoothing: float = num(0.1, ge=0, lt=1, why="1 would make every target uniform")
     max_caption_len: int = num(20, ge=1)  # word pieces of caption, in training and decoding
+    # Decoding (vlp caption, evaluate captioning): 1 is greedy; more is beam search as Oscar
+    # ran it (its COCO results: beam 5), hypotheses scored sum log p / length ** penalty.
+    beam_size: int = num(1, ge=1)
+    length_penalty: float = num(1.0, ge=0, why="0 ranks by the summed log-probability")
+    # Reuse the keys and values of tags, regions and the caption prefix between steps (the
+    # same captions as re-encoding the sequence every step, as the Oscar code does: false).
+    incremental: bool = True
 
 
 @dataclass

@@ -6,8 +6,9 @@ A decoder is two functions a task provides:
                                                     (None at the first step)
     reorder(state, rows) -> state                   keep / repeat rows (beam search)
 
-so that beam search and a key-value cache plug in without another redesign. Greedy decoding
-is here; a finished row keeps receiving `end_id` (the step function leaves its prefix as it is).
+so that beam search and a key-value cache plug in without another redesign. Greedy decoding and
+beam search are here; a finished row keeps receiving `end_id` (the step function leaves its
+prefix as it is).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 StepFn = Callable[[Any, torch.Tensor | None], tuple[torch.Tensor, Any]]
+ReorderFn = Callable[[Any, torch.Tensor], Any]
 
 
 @torch.no_grad()
@@ -52,3 +54,99 @@ def greedy(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
             break
         tokens = torch.where(done, torch.full_like(pred, end_id), pred)
     return words
+
+
+@torch.no_grad()
+def beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: int, max_len: int,
+                end_id: int, beam: int = 5, length_penalty: float = 1.0, n_best: int = 1,
+                banned: torch.Tensor | None = None,
+                ) -> list[list[tuple[list[int], float]]]:
+    """The `n_best` highest-scoring sequences of each row, best first, as (tokens, score).
+
+    Beam search as the Oscar code ran it (the beam hypotheses of transformers' generation code
+    of its time): each step keeps the `beam` best live prefixes of a row by summed
+    log-probability, from the best 2 x `beam` continuations; a continuation by `end_id` among
+    the first `beam` of them finishes a hypothesis, scored sum of log-probabilities / length **
+    `length_penalty` (length: the tokens chosen, `end_id` included; 0 ranks by the plain sum,
+    above 1 favours longer captions). A row is done once it holds `beam` finished hypotheses
+    and no live prefix can beat the worst of them (at the current length); at `max_len` the
+    live prefixes join as they are. `beam=1` with `length_penalty=0` is greedy decoding.
+
+    Args:
+        step, reorder: the next-token function and the row selection of its state.
+        state: the initial state of `rows` rows (one per input); it is widened to rows x beam.
+        max_len: the length budget (tokens, `end_id` excluded).
+        banned: token ids never chosen.
+    """
+    if beam < 1 or not 1 <= n_best <= beam:
+        raise ValueError(f"beam search needs beam >= 1 and 1 <= n_best <= beam "
+                         f"(got {beam}, {n_best})")
+    k = beam
+    state = reorder(state, torch.arange(rows).repeat_interleave(k))
+    # Only the first copy of each row is live at the start: k equal prefixes would fill the
+    # beam with one continuation k times.
+    scores = torch.full((rows, k), float("-inf"))
+    scores[:, 0] = 0.0
+    prefixes: list[list[int]] = [[] for _ in range(rows * k)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    tokens: torch.Tensor | None = None
+
+    def add(r: int, seq: list[int], total: float) -> None:
+        hyps = finished[r]
+        hyps.append((total / (len(seq) + 1) ** length_penalty, seq))
+        hyps.sort(key=lambda h: -h[0])
+        del hyps[k:]
+
+    for t in range(max_len):
+        logits, state = step(state, tokens)
+        logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+        if banned is not None and len(banned):
+            logp[:, banned] = float("-inf")
+        vocab = logp.shape[-1]
+        cand = (scores.reshape(-1, 1) + logp).reshape(rows, k * vocab)
+        top_s, top_i = cand.topk(min(2 * k, k * vocab), dim=1)
+        new_scores = torch.full((rows, k), float("-inf"))
+        src = torch.zeros(rows * k, dtype=torch.long)
+        nxt = torch.full((rows * k,), end_id, dtype=torch.long)
+        new_prefixes: list[list[int]] = []
+        for r in range(rows):
+            live: list[tuple[float, int, int]] = []
+            if not done[r]:
+                for rank, (sc, idx) in enumerate(zip(top_s[r].tolist(), top_i[r].tolist())):
+                    if sc == float("-inf"):
+                        break
+                    b, tok = divmod(idx, vocab)
+                    if tok == end_id:
+                        if rank < k:
+                            add(r, prefixes[r * k + b], sc)
+                    else:
+                        live.append((sc, b, tok))
+                    if len(live) == k:
+                        break
+                full = len(finished[r]) == k
+                if not live or (full and max(s for s, _, _ in live) / (t + 2) ** length_penalty
+                                <= finished[r][-1][0]):
+                    done[r] = True
+            for j in range(k):
+                row = r * k + j
+                if not done[r] and j < len(live):
+                    sc, b, tok = live[j]
+                    new_scores[r, j] = sc
+                    src[row], nxt[row] = r * k + b, tok
+                    new_prefixes.append(prefixes[r * k + b] + [tok])
+                else:
+                    src[row] = r * k
+                    new_prefixes.append([])
+        if all(done):
+            break
+        scores, prefixes = new_scores, new_prefixes
+        state = reorder(state, src)
+        tokens = nxt
+    else:
+        for r in range(rows):
+            if not done[r]:
+                for j in range(k):
+                    if scores[r, j] > float("-inf"):
+                        add(r, prefixes[r * k + j], float(scores[r, j]))
+    return [[(seq, sc) for sc, seq in hyps[:n_best]] for hyps in finished]

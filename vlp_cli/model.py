@@ -183,6 +183,39 @@ def head_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
 
 
+class KVCache:
+    """Keys and values of positions already encoded, per layer: what `BertSelfAttention`
+    asks of a cache (`update`), plus the two operations decoding needs, keeping the first n
+    positions and selecting rows (beam search). transformers' own caches change these two
+    between minor versions (`crop`'s argument changed meaning within 5.x); this is all vlp uses.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this layer's new keys and values [B, heads, n, d]; return all of them."""
+        if layer_idx in self.layers:
+            k, v = self.layers[layer_idx]
+            key, value = torch.cat([k, key], dim=2), torch.cat([v, value], dim=2)
+        self.layers[layer_idx] = (key, value)
+        return key, value
+
+    def length(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def keep(self, n: int) -> None:
+        """Forget every position after the first n."""
+        self.layers = {i: (k[:, :, :n], v[:, :, :n]) for i, (k, v) in self.layers.items()}
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) these batch rows, in this order."""
+        self.layers = {i: (k.index_select(0, rows.to(k.device)),
+                           v.index_select(0, rows.to(v.device)))
+                       for i, (k, v) in self.layers.items()}
+
+
 class VLPModel(nn.Module):
     """Single-stream vision-language encoder with the heads its tasks declare."""
 
@@ -253,6 +286,30 @@ class VLPModel(nn.Module):
         # sdpa accepts it); a fully blocked row (padding queries) stays finite, not NaN.
         additive = (~allowed).to(x.dtype)[:, None] * torch.finfo(x.dtype).min  # [B, 1, L|1, L]
         return self.bert.encoder(x, attention_mask=additive).last_hidden_state
+
+    def extend(
+        self,
+        cache: KVCache,
+        allowed: torch.Tensor,  # [B, Q, K] bool: query i may attend key j (K: cached + new)
+        input_ids: torch.Tensor,  # [B, T]
+        token_type_ids: torch.Tensor,  # [B, T]
+        position_ids: torch.Tensor,  # [B, T]
+        img_feats: torch.Tensor | None = None,  # [B, R, F]
+        img_pos: torch.Tensor | None = None,  # [B, R, P]
+    ) -> torch.Tensor:
+        """Contextual states of new positions (text, then regions) that attend to the keys and
+        values in `cache` as well as to each other; their own keys and values join the cache.
+        [B, T + R, H]. Key order does not matter to BERT (positions are in the embeddings), so
+        a prefix encoded once (tags and regions, for captioning) is reused by every step."""
+        x = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
+                                 position_ids=position_ids)
+        if img_feats is not None:
+            img_type = self.bert.embeddings.token_type_embeddings(
+                torch.ones(img_feats.shape[:2], dtype=torch.long, device=img_feats.device))
+            x = torch.cat([x, self.img_embed(img_feats.to(x.dtype), img_pos.to(x.dtype),
+                                             img_type)], dim=1)
+        additive = (~allowed).to(x.dtype)[:, None] * torch.finfo(x.dtype).min  # [B, 1, Q, K]
+        return self.bert.encoder(x, attention_mask=additive, cache=cache).last_hidden_state
 
     def enable_checkpointing(self) -> None:
         """Recompute each encoder layer's activations in the backward pass (non-reentrant:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from vlp_cli.benches.extract import bench_extract
 from vlp_cli.benches.collate import bench_collate
+from vlp_cli.benches.decode import bench_decode
 from vlp_cli.benches.ipot import bench_ipot
 from vlp_cli.benches.memory import bench_extract_memory
 from vlp_cli.benches.padding import bench_padding
@@ -26,4 +27,5 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "collate": bench_collate,
     "train-step": bench_train_step,
     "ipot": bench_ipot,
+    "decode": bench_decode,
 }

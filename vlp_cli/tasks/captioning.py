@@ -129,19 +129,86 @@ class CaptionDecoder:
                 "rows": [state["rows"][i] for i in keep], "t": state["t"]}
 
 
+class CachedCaptionDecoder:
+    """The same decoding as `CaptionDecoder`, with keys and values reused: under Oscar's mask
+    the tags and regions attend only to each other, so they are encoded once per image; each
+    step encodes two positions, the word chosen last (the [CLS] at the first step) and a
+    [MASK] after it, which attend to the tags, regions and cached caption prefix (causally
+    among themselves); the [MASK]'s keys and values are dropped after the step. Every position
+    keeps its place in the training layout (position ids, token types), so the logits equal
+    re-encoding the whole sequence each step (`CaptionDecoder`) up to float rounding."""
+
+    def __init__(self, model: VLPModel, ds: CaptionDataset, images: list[ImageInput],
+                 device: torch.device):
+        import torch
+
+        from vlp_cli.data.datasets import Collator
+        from vlp_cli.model import KVCache
+
+        self.model, self.ds, self.device = model, ds, device
+        b = ds.builder
+        self.a_len = a = ds.cfg.max_caption_len + 2
+        # The training layout with an empty caption; everything from position a_len on is
+        # the context: tags, their [SEP], regions.
+        batch = Collator(b.pad_id, _seq2seq)([ds.build([], img)[0] for img in images])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        ids = batch["input_ids"][:, a:]
+        n, tags = ids.shape
+        ctx = torch.cat([batch["text_mask"][:, a:], batch["img_mask"]], dim=1).bool()
+        self.cache = KVCache()
+        positions = torch.arange(a, a + tags, device=device).expand(n, tags)
+        model.extend(self.cache, ctx[:, None, :].expand(n, ctx.shape[1], ctx.shape[1]), ids,
+                     batch["token_type_ids"][:, a:], positions, batch["img_feats"],
+                     batch["img_pos"])
+        self.ctx = ctx  # [B, C] the context keys that are real (not padding)
+
+    def start(self) -> dict:
+        return {"t": 0}
+
+    def step(self, state: dict, tokens: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        import torch
+
+        b, t = self.ds.builder, state["t"]
+        n, c = self.ctx.shape
+        dev = self.device
+        prev = torch.full((n,), b.cls_id, dtype=torch.long) if tokens is None else tokens
+        ids = torch.stack([prev.to(dev), torch.full((n,), b.mask_id, device=dev)], dim=1)
+        positions = torch.tensor([t, t + 1], device=dev).expand(n, 2)
+        # Keys: the context, the cached caption prefix ([CLS] and t - 1 words), the two new.
+        allowed = torch.cat([self.ctx[:, None, :].expand(n, 2, c),
+                             torch.ones((n, 2, t), dtype=torch.bool, device=dev),
+                             torch.tril(torch.ones((2, 2), dtype=torch.bool,
+                                                   device=dev)).expand(n, 2, 2)], dim=2)
+        hidden = self.model.extend(self.cache, allowed, ids, torch.zeros_like(ids), positions)
+        self.cache.keep(c + t + 1)  # the [MASK] goes; the word stays
+        where = torch.zeros((n, 2), dtype=torch.bool, device=dev)
+        where[:, 1] = True
+        return self.model.mlm_logits(hidden, where, "mlm"), {"t": t + 1}
+
+    def reorder(self, state: dict, rows: torch.Tensor) -> dict:
+        self.cache.select(rows)
+        self.ctx = self.ctx.index_select(0, rows.to(self.ctx.device))
+        return state
+
+
 class Captioning(Task):
     name = "captioning"
-    help = "image captioning: BLEU-4, METEOR, ROUGE-L, CIDEr (greedy decoding)"
+    help = "image captioning: BLEU-4, METEOR, ROUGE-L, CIDEr (greedy or beam decoding)"
     kinds = (KIND,)
     metrics = ("bleu4", "rouge_l", "cider", "images")
     report = ("bleu4", "meteor", "rouge_l", "cider", "images")
     headline = "cider"
     uses_pooler = False
 
-    def heads(self, ctx: Context) -> list[HeadSpec]:
+    @staticmethod
+    def head_spec() -> HeadSpec:
+        """The one head captioning trains and decodes through (BERT's masked-token head)."""
         from vlp_cli.model import HeadSpec
 
-        return [HeadSpec("mlm", "masked_tokens", init="bert_mlm")]
+        return HeadSpec("mlm", "masked_tokens", init="bert_mlm")
+
+    def heads(self, ctx: Context) -> list[HeadSpec]:
+        return [self.head_spec()]
 
     def legacy_heads(self, config: dict) -> list[tuple[str, HeadSpec]]:
         from vlp_cli.model import HeadSpec
@@ -170,22 +237,36 @@ class Captioning(Task):
 
     def generate(self, model: VLPModel, builder: ExampleBuilder, images: list[ImageInput],
                  device: torch.device) -> list[list[int]]:
-        """Greedy caption ids for each image (at most `captioning.max_caption_len` pieces)."""
+        """Caption ids for each image (at most `captioning.max_caption_len` pieces): greedy,
+        or the best of a beam search when `captioning.beam_size` > 1."""
         import torch
 
-        from vlp_cli.decoding import greedy
+        from vlp_cli.decoding import beam_search, greedy
 
-        ds = CaptionDataset(None, builder, np.zeros(0), self.recipe.captioning,
-                            self.max_text_len(), 0)
-        decoder = CaptionDecoder(model, ds, images, device)
+        cfg = self.recipe.captioning
+        ds = CaptionDataset(None, builder, np.zeros(0), cfg, self.max_text_len(), 0)
+        decoder: CaptionDecoder | CachedCaptionDecoder = (
+            CachedCaptionDecoder if cfg.incremental else CaptionDecoder)(model, ds, images, device)
         # Never emit padding, [CLS], [MASK] or [UNK]; [SEP] ends the caption.
         banned = torch.tensor(sorted(builder.special_ids - {builder.sep_id}), dtype=torch.long)
-        return greedy(decoder.step, decoder.start(), len(images),
-                      self.recipe.captioning.max_caption_len, builder.sep_id, banned)
+        if cfg.beam_size == 1:
+            return greedy(decoder.step, decoder.start(), len(images), cfg.max_caption_len,
+                          builder.sep_id, banned)
+        hyps = beam_search(decoder.step, decoder.reorder, decoder.start(), len(images),
+                           cfg.max_caption_len, builder.sep_id, beam=cfg.beam_size,
+                           length_penalty=cfg.length_penalty, banned=banned)
+        return [h[0][0] if h else [] for h in hyps]
 
     def caption(self, model: VLPModel, builder: ExampleBuilder, images: list[ImageInput],
-                tokenizer: Any, device: torch.device, batch_size: int = 32) -> list[str]:
-        """Caption texts, `batch_size` images at a time (vlp caption)."""
+                tokenizer: Any, device: torch.device, batch_size: int = 32,
+                beam: int | None = None) -> list[str]:
+        """Caption texts, `batch_size` images at a time (vlp caption); `beam` overrides the
+        recipe's `captioning.beam_size`."""
+        if beam is not None:
+            from dataclasses import replace
+
+            self.recipe = replace(self.recipe, captioning=replace(self.recipe.captioning,
+                                                                  beam_size=beam))
         model.eval()
         out: list[str] = []
         for start in range(0, len(images), batch_size):

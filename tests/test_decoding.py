@@ -1,0 +1,197 @@
+"""Greedy decoding and beam search over toy next-token functions (no model)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vlp_cli.decoding import beam_search, greedy
+
+END = 0
+
+
+class Chain:
+    """A next-token function whose log-probabilities depend on the last token only: `table`
+    [V, V] (row: last token; row 0 also serves the first step). The state is the row list of
+    last tokens, so reorder is row selection."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def start(self, rows: int) -> list[int]:
+        return [0] * rows
+
+    def step(self, state: list[int], tokens: torch.Tensor | None):
+        last = state if tokens is None else [
+            s if t == END else int(t) for s, t in zip(state, tokens.tolist())]
+        return self.table[last].clone(), last
+
+    def reorder(self, state: list[int], rows: torch.Tensor) -> list[int]:
+        return [state[i] for i in rows.tolist()]
+
+
+def _score(table: torch.Tensor, seq: list[int], finished: bool, lp: float) -> float:
+    """Summed log-probability of seq (then END when finished) / length ** lp."""
+    logp = torch.log_softmax(table, -1)
+    last, total = 0, 0.0
+    for tok in seq + ([END] if finished else []):
+        total += float(logp[last, tok])
+        last = tok
+    return total / (len(seq) + 1) ** lp
+
+
+def _random_table(seed: int, v: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(v, v, generator=g) * 2
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_beam_of_one_without_length_penalty_is_greedy(seed: int) -> None:
+    chain = Chain(_random_table(seed))
+    want = greedy(chain.step, chain.start(3), 3, 6, END)
+    got = beam_search(chain.step, chain.reorder, chain.start(3), 3, 6, END, beam=1,
+                      length_penalty=0)
+    assert [h[0][0] for h in got] == want
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_wide_beam_finds_the_best_sequence(seed: int) -> None:
+    """With a beam wider than every prefix there is and no length penalty, beam search is
+    exhaustive: it returns the highest-scoring sequence of at most max_len tokens."""
+    table = _random_table(seed, v=4)
+    max_len = 3
+    cands = [(list(seq), True) for n in range(max_len)
+             for seq in itertools.product(range(1, 4), repeat=n)]
+    cands += [(list(seq), False) for seq in itertools.product(range(1, 4), repeat=max_len)]
+    best = max(cands, key=lambda c: _score(table, c[0], c[1], 0))
+    chain = Chain(table)
+    got = beam_search(chain.step, chain.reorder, chain.start(1), 1, max_len, END, beam=40,
+                      length_penalty=0, n_best=3)[0]
+    assert got[0][0] == best[0]
+    assert got[0][1] == pytest.approx(_score(table, best[0], best[1], 0), abs=1e-5)
+    assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)
+
+
+def test_beam_escapes_the_greedy_trap() -> None:
+    """First token 1 (p 0.6) leads to four equally likely tokens; token 2 (p 0.4) to END for
+    sure. Greedy takes 1 and pays log 0.25 next; a beam of 2 finds [2]."""
+    big = -30.0
+    table = torch.full((5, 5), big)
+    table[0, 1], table[0, 2] = math.log(0.6), math.log(0.4)
+    table[1, 1:] = 0.0  # four tokens, each 0.25
+    table[1, END] = big
+    table[2, END] = 0.0
+    for t in (3, 4):
+        table[t, END] = 0.0
+    chain = Chain(table)
+    g = greedy(chain.step, chain.start(1), 1, 4, END)[0]
+    assert g[0] == 1 and len(g) >= 2
+    (seq, score), = beam_search(chain.step, chain.reorder, chain.start(1), 1, 4, END, beam=2,
+                                length_penalty=0)[0]
+    assert seq == [2] and score == pytest.approx(math.log(0.4), abs=1e-4)
+
+
+def test_length_penalty_divides_by_length_and_rows_are_independent() -> None:
+    table = _random_table(3)
+    chain = Chain(table)
+    out = beam_search(chain.step, chain.reorder, chain.start(2), 2, 5, END, beam=3,
+                      length_penalty=1.0, n_best=3)
+    assert out[0] == out[1]  # identical rows, identical results
+    for seq, score in out[0]:
+        # Shorter than the budget: ended by END; at the budget: a live prefix, no END.
+        assert score == pytest.approx(_score(table, seq, len(seq) < 5, 1.0), abs=1e-5)
+
+
+def test_banned_tokens_never_appear_and_bad_widths_are_refused() -> None:
+    chain = Chain(_random_table(1))
+    out = beam_search(chain.step, chain.reorder, chain.start(2), 2, 6, END, beam=3,
+                      banned=torch.tensor([2, 3]), n_best=2)
+    assert all(set(seq) <= {1, 4} for hyps in out for seq, _ in hyps)
+    with pytest.raises(ValueError, match="n_best"):
+        beam_search(chain.step, chain.reorder, chain.start(1), 1, 3, END, beam=2, n_best=3)
+
+
+# -- captioning: the key-value cache against re-encoding every step ---------------------------
+
+class _Tok:
+    """The little of a tokenizer that ExampleBuilder reads."""
+
+    cls_token_id, sep_token_id, pad_token_id, mask_token_id = 1, 2, 0, 3
+    all_special_ids = [0, 1, 2, 3, 4]
+
+    def __len__(self) -> int:
+        return 99
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=[10 + (sum(map(ord, w)) % 80) for w in text.split()])
+
+
+def _captioning(attn: str, max_caption_len: int = 6):
+    import numpy as np
+
+    from vlp_cli.config import CaptioningCfg, DataCfg
+    from vlp_cli.data.examples import ExampleBuilder, ImageInput
+    from vlp_cli.model import HeadSpec, ModelConfig, VLPModel, tiny_bert
+    from vlp_cli.tasks.captioning import CaptionDataset
+
+    builder = ExampleBuilder(_Tok(), None, DataCfg(),
+                             labels=["red circle", "blue square", "green triangle", "cat"])
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(5):
+        r = 2 + i % 3
+        images.append(ImageInput(
+            feats=rng.normal(size=(r, 16)).astype(np.float16),
+            pos=rng.random((r, builder.pos_dim)).astype(np.float32),
+            tag_classes=[] if i == 3 else list(rng.integers(0, 4, size=1 + i % 3))))
+    torch.manual_seed(0)
+    cfg = ModelConfig(bert=tiny_bert(99), img_feat_dim=16, pos_dim=builder.pos_dim,
+                      heads=[HeadSpec("mlm", "masked_tokens").to_dict()])
+    model = VLPModel(cfg).eval()
+    model.bert.set_attn_implementation(attn)
+    ccfg = CaptioningCfg(max_caption_len=max_caption_len)
+    ds = CaptionDataset(None, builder, np.zeros(0), ccfg, DataCfg().max_text_len + max_caption_len,
+                        0)
+    return model, ds, images
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@torch.no_grad()
+def test_cached_decoding_equals_re_encoding(attn: str) -> None:
+    """Step by step, on the same tokens, the cached decoder's logits equal re-encoding the
+    whole sequence (tags present, absent, several; regions of different counts); beam search
+    through either gives the same captions and scores."""
+    from vlp_cli.tasks.captioning import CachedCaptionDecoder, CaptionDecoder
+
+    model, ds, images = _captioning(attn)
+    full = CaptionDecoder(model, ds, images, torch.device("cpu"))
+    cached = CachedCaptionDecoder(model, ds, images, torch.device("cpu"))
+    sa, sb = full.start(), cached.start()
+    g = torch.Generator().manual_seed(3)
+    tokens = None
+    for _ in range(5):  # then one more after the reorder: the budget of 6 (max_caption_len)
+        la, sa = full.step(sa, tokens)
+        lb, sb = cached.step(sb, tokens)
+        assert la.shape == lb.shape == (5, 99)
+        assert torch.allclose(la, lb, atol=1e-5, rtol=0), (la - lb).abs().max()
+        tokens = torch.randint(5, 99, (5,), generator=g)
+    # Rows reordered and repeated, as beam search does.
+    rows = torch.tensor([4, 4, 0, 2, 1])
+    sa, sb = full.reorder(sa, rows), cached.reorder(sb, rows)
+    la, _ = full.step(sa, tokens)
+    lb, _ = cached.step(sb, tokens)
+    assert torch.allclose(la, lb, atol=1e-5, rtol=0)
+
+    def beams(cls):
+        dec = cls(model, ds, images, torch.device("cpu"))
+        return beam_search(dec.step, dec.reorder, dec.start(), len(images), 6, 2, beam=3,
+                           n_best=3, banned=torch.tensor([0, 1, 3, 4]))
+
+    a, b = beams(CaptionDecoder), beams(CachedCaptionDecoder)
+    assert [[s for s, _ in row] for row in a] == [[s for s, _ in row] for row in b]
+    for ra, rb in zip(a, b):
+        for (_, x), (_, y) in zip(ra, rb):
+            assert x == pytest.approx(y, abs=1e-5)
