@@ -117,6 +117,9 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     beams = [json.loads(x) for x in (d / "beams.jsonl").read_text().splitlines()]
     assert [x["image"] for x in beams] == [x["image"] for x in caps]
     assert all(isinstance(x["caption"], str) for x in beams)
+    vlp("caption", "-k", d / "captioning", "-f", f, "--limit", "2", "--set",
+        "captioning.sample=true", "--set", "captioning.top_k=5", "-o", d / "sampled.jsonl")
+    assert len((d / "sampled.jsonl").read_text().splitlines()) == 2
     # Raw images: features are extracted the way the checkpoint's were (given boxes here).
     vlp("caption", "-k", d / "captioning", "--images", images["images"] / "test",
         "--boxes", images["boxes"], "-o", d / "from-images.jsonl")

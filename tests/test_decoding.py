@@ -195,3 +195,51 @@ def test_cached_decoding_equals_re_encoding(attn: str) -> None:
     for ra, rb in zip(a, b):
         for (_, x), (_, y) in zip(ra, rb):
             assert x == pytest.approx(y, abs=1e-5)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus() -> None:
+    from vlp_cli.decoding import filter_logits
+
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    kept = lambda x: (x > float("-inf")).nonzero()[:, 1].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.5)) == [0]  # 0.5 alone reaches 0.5
+    assert kept(filter_logits(logits, top_p=0.6)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.86)) == [0, 1, 2, 3]
+    assert kept(filter_logits(logits, top_p=0.01)) == [0]  # the most likely always stays
+    shuffled = logits[:, [3, 0, 4, 2, 1]]
+    assert kept(filter_logits(shuffled, top_k=3, top_p=0.6)) == [1, 4]
+
+
+def test_sampling_limits_are_greedy_and_draws_follow_the_softmax() -> None:
+    from vlp_cli.decoding import sample
+
+    chain = Chain(_random_table(5))
+    want = greedy(chain.step, chain.start(4), 4, 6, END)
+    g = torch.Generator().manual_seed(0)
+    assert sample(chain.step, chain.start(4), 4, 6, END, top_k=1, generator=g) == want
+    assert sample(chain.step, chain.start(4), 4, 6, END, top_p=1e-6, generator=g) == want
+    assert sample(chain.step, chain.start(4), 4, 6, END, temperature=1e-4, generator=g) == want
+    # First tokens of many rows follow softmax(table[0]) (END ends a row at once: []).
+    n = 20000
+    first = sample(chain.step, chain.start(n), n, 1, END, generator=g)
+    counts = torch.bincount(torch.tensor([w[0] if w else END for w in first]), minlength=5)
+    probs = torch.softmax(chain.table[0], -1)
+    assert torch.allclose(counts / n, probs, atol=0.015), (counts / n, probs)
+    # Reproducible with the same generator seed; refused without a sane temperature.
+    a = sample(chain.step, chain.start(3), 3, 5, END, generator=torch.Generator().manual_seed(7))
+    b = sample(chain.step, chain.start(3), 3, 5, END, generator=torch.Generator().manual_seed(7))
+    assert a == b
+    with pytest.raises(ValueError, match="temperature"):
+        sample(chain.step, chain.start(1), 1, 3, END, temperature=0)
+
+
+def test_recipe_refuses_sampling_with_a_beam() -> None:
+    from vlp_cli import VlpError
+    from vlp_cli.config import load_recipe
+
+    with pytest.raises(VlpError, match="beam_size"):
+        load_recipe("tiny", ["captioning.sample=true", "captioning.beam_size=3"])
+    assert load_recipe("tiny", ["captioning.sample=true", "captioning.top_p=0.9"]).captioning.sample

@@ -382,6 +382,17 @@ class CaptioningCfg:
     # Reuse the keys and values of tags, regions and the caption prefix between steps (the
     # same captions as re-encoding the sequence every step, as the Oscar code does: false).
     incremental: bool = True
+    # Sampling instead of the most likely words: softmax(logits / temperature) within the top
+    # k (0: all) and the top-p nucleus, drawn from a generator seeded by the recipe's seed.
+    sample: bool = False
+    top_k: int = num(0, ge=0, why="0 keeps every token")
+    top_p: float = num(1.0, gt=0, le=1, why="1 keeps every token")
+    temperature: float = num(1.0, gt=0)
+
+    def problems(self, k: Key) -> Iterator[str]:
+        if self.sample and self.beam_size > 1:
+            yield (f"'{k('sample')}' and '{k('beam_size')}' ({self.beam_size}) are two ways to "
+                   f"decode: pass --set {k('beam_size')}=1 to sample, or drop the sampling")
 
 
 @dataclass

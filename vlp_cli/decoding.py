@@ -6,8 +6,8 @@ A decoder is two functions a task provides:
                                                     (None at the first step)
     reorder(state, rows) -> state                   keep / repeat rows (beam search)
 
-so that beam search and a key-value cache plug in without another redesign. Greedy decoding and
-beam search are here; a finished row keeps receiving `end_id` (the step function leaves its
+so that beam search and a key-value cache plug in without another redesign. Greedy decoding,
+top-k / top-p sampling and beam search are here; a finished row keeps receiving `end_id` (the step function leaves its
 prefix as it is).
 """
 
@@ -43,6 +43,57 @@ def greedy(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
         if banned is not None and len(banned):
             logits[:, banned.to(logits.device)] = float("-inf")
         pred = logits.argmax(-1).cpu()
+        for i, p in enumerate(pred.tolist()):
+            if done[i]:
+                continue
+            if p == end_id:
+                done[i] = True
+            else:
+                words[i].append(int(p))
+        if bool(done.all()):
+            break
+        tokens = torch.where(done, torch.full_like(pred, end_id), pred)
+    return words
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits with everything outside the top k (0: no limit) and outside the nucleus set to
+    -inf: the smallest set of most likely tokens whose probability reaches `top_p` (the most
+    likely token always stays)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already reach top_p.
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
+           top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+           banned: torch.Tensor | None = None,
+           generator: torch.Generator | None = None) -> list[list[int]]:
+    """A sampled token sequence per row (without `end_id`): each token drawn from the softmax
+    of logits / `temperature`, restricted to the top k and the top-p nucleus
+    (`filter_logits`). `generator` (CPU) makes the draws reproducible."""
+    if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sampling needs temperature > 0, top_k >= 0, 0 < top_p <= 1 (got "
+                         f"{temperature}, {top_k}, {top_p})")
+    words: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool)
+    tokens: torch.Tensor | None = None
+    for _ in range(max_len):
+        logits, state = step(state, tokens)
+        logits = logits.float().cpu() / temperature
+        if banned is not None and len(banned):
+            logits[:, banned] = float("-inf")
+        probs = filter_logits(logits, top_k, top_p).softmax(-1)
+        pred = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         for i, p in enumerate(pred.tolist()):
             if done[i]:
                 continue

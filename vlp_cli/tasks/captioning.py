@@ -193,12 +193,13 @@ class CachedCaptionDecoder:
 
 class Captioning(Task):
     name = "captioning"
-    help = "image captioning: BLEU-4, METEOR, ROUGE-L, CIDEr (greedy or beam decoding)"
+    help = "image captioning: BLEU-4, METEOR, ROUGE-L, CIDEr (greedy, beam or sampled decoding)"
     kinds = (KIND,)
     metrics = ("bleu4", "rouge_l", "cider", "images")
     report = ("bleu4", "meteor", "rouge_l", "cider", "images")
     headline = "cider"
     uses_pooler = False
+    _sampler: Any = None  # the sampling generator, seeded once per bound task
 
     @staticmethod
     def head_spec() -> HeadSpec:
@@ -241,7 +242,7 @@ class Captioning(Task):
         or the best of a beam search when `captioning.beam_size` > 1."""
         import torch
 
-        from vlp_cli.decoding import beam_search, greedy
+        from vlp_cli.decoding import beam_search, greedy, sample
 
         cfg = self.recipe.captioning
         ds = CaptionDataset(None, builder, np.zeros(0), cfg, self.max_text_len(), 0)
@@ -249,6 +250,12 @@ class Captioning(Task):
             CachedCaptionDecoder if cfg.incremental else CaptionDecoder)(model, ds, images, device)
         # Never emit padding, [CLS], [MASK] or [UNK]; [SEP] ends the caption.
         banned = torch.tensor(sorted(builder.special_ids - {builder.sep_id}), dtype=torch.long)
+        if cfg.sample:
+            if self._sampler is None:
+                self._sampler = torch.Generator().manual_seed(self.recipe.seed)
+            return sample(decoder.step, decoder.start(), len(images), cfg.max_caption_len,
+                          builder.sep_id, top_k=cfg.top_k, top_p=cfg.top_p,
+                          temperature=cfg.temperature, banned=banned, generator=self._sampler)
         if cfg.beam_size == 1:
             return greedy(decoder.step, decoder.start(), len(images), cfg.max_caption_len,
                           builder.sep_id, banned)
