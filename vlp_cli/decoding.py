@@ -22,6 +22,28 @@ StepFn = Callable[[Any, torch.Tensor | None], tuple[torch.Tensor, Any]]
 ReorderFn = Callable[[Any, torch.Tensor], Any]
 
 
+def _one_token_at_a_time(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
+                         choose: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
+    """Each row's tokens (without `end_id`) as `choose(logits [B, V]) -> [B]` picks them."""
+    words: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool)
+    tokens: torch.Tensor | None = None
+    for _ in range(max_len):
+        logits, state = step(state, tokens)
+        pred = choose(logits).cpu()
+        for i, p in enumerate(pred.tolist()):
+            if done[i]:
+                continue
+            if p == end_id:
+                done[i] = True
+            else:
+                words[i].append(int(p))
+        if bool(done.all()):
+            break
+        tokens = torch.where(done, torch.full_like(pred, end_id), pred)
+    return words
+
+
 @torch.no_grad()
 def greedy(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
            banned: torch.Tensor | None = None) -> list[list[int]]:
@@ -35,25 +57,12 @@ def greedy(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
         end_id: the token that ends a row.
         banned: token ids never chosen (padding, [CLS], [MASK]...).
     """
-    words: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool)
-    tokens: torch.Tensor | None = None
-    for _ in range(max_len):
-        logits, state = step(state, tokens)
+    def choose(logits: torch.Tensor) -> torch.Tensor:
         if banned is not None and len(banned):
             logits[:, banned.to(logits.device)] = float("-inf")
-        pred = logits.argmax(-1).cpu()
-        for i, p in enumerate(pred.tolist()):
-            if done[i]:
-                continue
-            if p == end_id:
-                done[i] = True
-            else:
-                words[i].append(int(p))
-        if bool(done.all()):
-            break
-        tokens = torch.where(done, torch.full_like(pred, end_id), pred)
-    return words
+        return logits.argmax(-1)
+
+    return _one_token_at_a_time(step, state, rows, max_len, end_id, choose)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -84,27 +93,14 @@ def sample(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
     if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"sampling needs temperature > 0, top_k >= 0, 0 < top_p <= 1 (got "
                          f"{temperature}, {top_k}, {top_p})")
-    words: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool)
-    tokens: torch.Tensor | None = None
-    for _ in range(max_len):
-        logits, state = step(state, tokens)
+    def choose(logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float().cpu() / temperature
         if banned is not None and len(banned):
             logits[:, banned] = float("-inf")
         probs = filter_logits(logits, top_k, top_p).softmax(-1)
-        pred = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        for i, p in enumerate(pred.tolist()):
-            if done[i]:
-                continue
-            if p == end_id:
-                done[i] = True
-            else:
-                words[i].append(int(p))
-        if bool(done.all()):
-            break
-        tokens = torch.where(done, torch.full_like(pred, end_id), pred)
-    return words
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    return _one_token_at_a_time(step, state, rows, max_len, end_id, choose)
 
 
 @torch.no_grad()
