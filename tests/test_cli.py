@@ -120,6 +120,11 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     vlp("caption", "-k", d / "captioning", "-f", f, "--limit", "2", "--set",
         "captioning.sample=true", "--set", "captioning.top_k=5", "-o", d / "sampled.jsonl")
     assert len((d / "sampled.jsonl").read_text().splitlines()) == 2
+    vlp("caption", "-k", d / "captioning", "-f", f, "--limit", "2", "--beam", "2",
+        "--constrain-tags", "-o", d / "constrained.jsonl")
+    tag_words = {"circle", "rectangle", "triangle"}  # each image has one, its shape
+    for x in (json.loads(y) for y in (d / "constrained.jsonl").read_text().splitlines()):
+        assert tag_words & set(x["caption"].split()), x
     # Raw images: features are extracted the way the checkpoint's were (given boxes here).
     vlp("caption", "-k", d / "captioning", "--images", images["images"] / "test",
         "--boxes", images["boxes"], "-o", d / "from-images.jsonl")

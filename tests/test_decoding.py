@@ -243,3 +243,69 @@ def test_recipe_refuses_sampling_with_a_beam() -> None:
     with pytest.raises(VlpError, match="beam_size"):
         load_recipe("tiny", ["captioning.sample=true", "captioning.beam_size=3"])
     assert load_recipe("tiny", ["captioning.sample=true", "captioning.top_p=0.9"]).captioning.sample
+
+
+# -- constrained beam search -------------------------------------------------------------------
+
+def _contains(seq: list[int], piece: list[int]) -> bool:
+    return any(seq[i: i + len(piece)] == piece for i in range(len(seq) - len(piece) + 1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_constrained_search_without_constraints_is_beam_search(seed: int) -> None:
+    from vlp_cli.decoding import constrained_beam_search
+
+    chain = Chain(_random_table(seed))
+    free = beam_search(chain.step, chain.reorder, chain.start(3), 3, 6, END, beam=3,
+                       length_penalty=0, n_best=2)
+    cbs = constrained_beam_search(chain.step, chain.reorder, chain.start(3), 3, 6, END,
+                                  [[], [], []], beam=3, length_penalty=0, n_best=2)
+    assert [[s for s, _ in r] for r in cbs] == [[s for s, _ in r] for r in free]
+    for ra, rb in zip(cbs, free):
+        assert [x for _, x in ra] == pytest.approx([x for _, x in rb], abs=1e-5)
+
+
+def test_constrained_search_puts_unlikely_tags_in_every_caption() -> None:
+    """Tokens 5-9 are all but impossible after every token; the free beam never writes them.
+    Each row gets three constraints (one of two pieces) and must satisfy two."""
+    from vlp_cli.decoding import constrained_beam_search
+
+    table = _random_table(2, v=10)
+    table[:, 5:] -= 8.0
+    chain = Chain(table)
+    free = beam_search(chain.step, chain.reorder, chain.start(3), 3, 8, END, beam=3)
+    assert not any(set(seq) & {5, 6, 7, 8, 9} for row in free for seq, _ in row)
+    constraints = [[[5], [6], [7, 8]], [[7, 8], [9, 5], [6]], [[9], [5]]]
+    out = constrained_beam_search(chain.step, chain.reorder, chain.start(3), 3, 8, END,
+                                  constraints, min_satisfied=2, beam=3, n_best=3)
+    for row, cons in zip(out, constraints):
+        assert row
+        for seq, score in row:
+            assert sum(_contains(seq, c) for c in cons) >= 2, (seq, cons)
+            assert score == pytest.approx(_score(table, seq, len(seq) < 8, 1.0), abs=1e-4)
+    # One constraint: satisfied alone (min(2, 1)).
+    one = constrained_beam_search(chain.step, chain.reorder, chain.start(1), 1, 8, END,
+                                  [[[7, 8]]], beam=2)[0]
+    assert _contains(one[0][0], [7, 8])
+
+
+@torch.no_grad()
+def test_constrained_captions_hold_two_tags_through_the_cached_decoder() -> None:
+    """A tiny random captioning model: the free beam writes none of the chosen tags' pieces;
+    constrained by them, every caption holds at least two (most tags have two pieces)."""
+    from vlp_cli.decoding import constrained_beam_search
+    from vlp_cli.tasks.captioning import CachedCaptionDecoder
+
+    model, ds, images = _captioning("sdpa")
+    dec = CachedCaptionDecoder(model, ds, images, torch.device("cpu"))
+    banned = torch.tensor([0, 1, 3, 4])
+    free = beam_search(dec.step, dec.reorder, dec.start(), len(images), 6, 2, beam=3,
+                       banned=banned)
+    written = {t for row in free for seq, _ in row for t in seq}
+    pieces = [p for p in ds.builder.tag_pieces if not set(p) & written]
+    assert len(pieces) >= 2 and sum(len(p) == 2 for p in pieces) >= 2  # multi-piece tags
+    dec = CachedCaptionDecoder(model, ds, images, torch.device("cpu"))
+    out = constrained_beam_search(dec.step, dec.reorder, dec.start(), len(images), 6, 2,
+                                  [pieces] * len(images), beam=3, banned=banned)
+    for row in out:
+        assert sum(_contains(row[0][0], p) for p in pieces) >= 2, (row, pieces)

@@ -420,6 +420,9 @@ def caption(
     limit: Annotated[Optional[int], typer.Option(help="At most N images.", min=1)] = None,
     beam: Annotated[Optional[int], typer.Option(help="Beam size (1: greedy); default the "
                     "recipe's beam_size.", min=1)] = None,
+    constrain_tags: Annotated[bool, typer.Option("--constrain-tags", help="Constrained beam "
+                              "search: each caption holds at least 2 of its image's first 3 "
+                              "tags (NoCaps' CBS, as Oscar ran it).")] = False,
     allow_incomplete: AllowIncomplete = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
@@ -438,7 +441,8 @@ def caption(
 
     stage.run(checkpoint, out, _checkpoint_recipe(checkpoint, recipe, sets),
               features=features, images=images, boxes=boxes, corpus=corpus, split=split,
-              limit=limit, allow_incomplete=allow_incomplete, beam=beam)
+              limit=limit, allow_incomplete=allow_incomplete, beam=beam,
+              constrain_tags=constrain_tags)
 
 
 @app.command()

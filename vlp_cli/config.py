@@ -388,8 +388,20 @@ class CaptioningCfg:
     top_k: int = num(0, ge=0, why="0 keeps every token")
     top_p: float = num(1.0, gt=0, le=1, why="1 keeps every token")
     temperature: float = num(1.0, gt=0)
+    # Constrained beam search (NoCaps' CBS, as Oscar ran it): the caption must hold at least
+    # `min_constraints` of the image's first `max_constraints` distinct tags (by detector
+    # confidence), each as its word pieces; beam_size beams per search state.
+    constrain_tags: bool = False
+    min_constraints: int = num(2, ge=1)
+    max_constraints: int = num(3, ge=1)
 
     def problems(self, k: Key) -> Iterator[str]:
+        if self.constrain_tags and self.sample:
+            yield (f"'{k('constrain_tags')}' is a beam search; it cannot sample: drop "
+                   f"'{k('sample')}'")
+        if self.min_constraints > self.max_constraints:
+            yield (f"'{k('min_constraints')}' ({self.min_constraints}) is more than "
+                   f"'{k('max_constraints')}' ({self.max_constraints}): lower it")
         if self.sample and self.beam_size > 1:
             yield (f"'{k('sample')}' and '{k('beam_size')}' ({self.beam_size}) are two ways to "
                    f"decode: pass --set {k('beam_size')}=1 to sample, or drop the sampling")

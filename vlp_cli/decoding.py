@@ -103,6 +103,23 @@ def sample(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
     return _one_token_at_a_time(step, state, rows, max_len, end_id, choose)
 
 
+def _log_probs(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
+    """fp32 log-probabilities on the CPU, banned tokens at -inf."""
+    logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    if banned is not None and len(banned):
+        logp[:, banned] = float("-inf")
+    return logp
+
+
+def _keep(hyps: list[tuple[float, list[int]]], seq: list[int], total: float,
+          length_penalty: float, k: int) -> None:
+    """Add a finished hypothesis, scored total / length ** penalty (length: its tokens and
+    the end), to a best-first list of at most k."""
+    hyps.append((total / (len(seq) + 1) ** length_penalty, seq))
+    hyps.sort(key=lambda h: -h[0])
+    del hyps[k:]
+
+
 @torch.no_grad()
 def beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: int, max_len: int,
                 end_id: int, beam: int = 5, length_penalty: float = 1.0, n_best: int = 1,
@@ -140,16 +157,11 @@ def beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: int, max_len
     tokens: torch.Tensor | None = None
 
     def add(r: int, seq: list[int], total: float) -> None:
-        hyps = finished[r]
-        hyps.append((total / (len(seq) + 1) ** length_penalty, seq))
-        hyps.sort(key=lambda h: -h[0])
-        del hyps[k:]
+        _keep(finished[r], seq, total, length_penalty, k)
 
     for t in range(max_len):
         logits, state = step(state, tokens)
-        logp = torch.log_softmax(logits.float().cpu(), dim=-1)
-        if banned is not None and len(banned):
-            logp[:, banned] = float("-inf")
+        logp = _log_probs(logits, banned)
         vocab = logp.shape[-1]
         cand = (scores.reshape(-1, 1) + logp).reshape(rows, k * vocab)
         top_s, top_i = cand.topk(min(2 * k, k * vocab), dim=1)
@@ -197,3 +209,114 @@ def beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: int, max_len
                     if scores[r, j] > float("-inf"):
                         add(r, prefixes[r * k + j], float(scores[r, j]))
     return [[(seq, sc) for sc, seq in hyps[:n_best]] for hyps in finished]
+
+
+@torch.no_grad()
+def constrained_beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: int,
+                            max_len: int, end_id: int, constraints: list[list[list[int]]],
+                            min_satisfied: int = 2, beam: int = 5, length_penalty: float = 1.0,
+                            n_best: int = 1, banned: torch.Tensor | None = None,
+                            ) -> list[list[tuple[list[int], float]]]:
+    """Beam search that puts at least `min_satisfied` of each row's constraints (token
+    sequences, e.g. a detected tag's word pieces) into its output, as NoCaps' constrained beam
+    search (Anderson et al. 2017), which Oscar ran with its detected tags and 2 to satisfy.
+
+    A finite-state machine over search states: which constraints are already in the prefix,
+    and which one (if any) is half written and how far. Every state keeps its own `beam` best
+    prefixes, so a constraint's unlikely first piece still survives in the state it leads to.
+    A row's answer is its best finished hypothesis among the states that hold
+    min(`min_satisfied`, its number of constraints) or more; if none reached that many within
+    `max_len`, the states that hold the most. Scoring and `end_id` as in `beam_search` (no
+    early stop: every row runs `max_len` steps unless its beams all end). Returns the `n_best`
+    hypotheses of each row, best first, as (tokens, score).
+    """
+    if beam < 1 or not 1 <= n_best <= beam:
+        raise ValueError(f"constrained beam search needs beam >= 1 and 1 <= n_best <= beam "
+                         f"(got {beam}, {n_best})")
+    cons = [[tuple(c) for c in dict.fromkeys(tuple(c) for c in row if len(c))]
+            for row in constraints]
+    # A hypothesis: (row, done mask, (constraint, pieces written) or None, score, tokens).
+    Hyp = tuple[int, int, tuple[int, int] | None, float, list[int]]
+    live: list[Hyp] = [(r, 0, None, 0.0, []) for r in range(rows)]
+    finished: dict[tuple[int, int], list[tuple[float, list[int]]]] = {}
+    tokens: torch.Tensor | None = None
+
+    def add(r: int, mask: int, seq: list[int], total: float) -> None:
+        _keep(finished.setdefault((r, mask), []), seq, total, length_penalty, beam)
+
+    def moves(h: Hyp) -> dict[int, list[tuple[int, tuple[int, int] | None]]]:
+        """Tokens that change a hypothesis's constraint state -> its new states."""
+        r, mask, prog = h[0], h[1], h[2]
+        out: dict[int, list[tuple[int, tuple[int, int] | None]]] = {}
+        if prog is not None:  # the next piece of the half-written constraint
+            i, p = prog
+            c = cons[r][i]
+            nxt = (mask | 1 << i, None) if p + 1 == len(c) else (mask, (i, p + 1))
+            out.setdefault(c[p], []).append(nxt)
+        for i, c in enumerate(cons[r]):  # the first piece of one not yet written
+            if not mask >> i & 1 and (prog is None or prog[0] != i or c[0] != c[prog[1]]):
+                out.setdefault(c[0], []).append(
+                    (mask | 1 << i, None) if len(c) == 1 else (mask, (i, 1)))
+        return out
+
+    for t in range(max_len):
+        logits, state = step(state, tokens)
+        logp = _log_probs(logits, banned)
+        vocab = logp.shape[-1]
+        cand = torch.tensor([h[3] for h in live])[:, None] + logp  # [N, V]
+        special = [moves(h) for h in live]
+        stay = cand.clone()
+        # pools: (row, mask, prog) -> [(score, source, token)]
+        pools: dict[tuple[int, int, tuple[int, int] | None], list[tuple[float, int, int]]] = {}
+        for n, sp in enumerate(special):
+            for tok, targets in sp.items():
+                for mask, prog in targets:
+                    pools.setdefault((live[n][0], mask, prog), []).append(
+                        (float(cand[n, tok]), n, tok))
+                stay[n, tok] = float("-inf")
+        # Any other token leaves the constraint state as it is, minus a half-written piece.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for n, h in enumerate(live):
+            groups.setdefault((h[0], h[1]), []).append(n)
+        for (r, mask), members in groups.items():
+            flat = stay[members].reshape(-1)
+            top_s, top_i = flat.topk(min(2 * beam, flat.numel()))
+            pool = pools.setdefault((r, mask, None), [])
+            for sc, idx in zip(top_s.tolist(), top_i.tolist()):
+                pool.append((sc, members[idx // vocab], idx % vocab))
+        new_live: list[Hyp] = []
+        src: list[int] = []
+        for (r, mask, prog), pool in pools.items():
+            pool.sort(key=lambda e: -e[0])
+            kept = 0
+            for rank, (sc, n, tok) in enumerate(pool):
+                if sc == float("-inf") or kept == beam:
+                    break
+                if tok == end_id:
+                    if rank < beam:
+                        add(r, live[n][1], live[n][4], sc)  # ends in its source's state
+                    continue
+                new_live.append((r, mask, prog, sc, live[n][4] + [tok]))
+                src.append(n)
+                kept += 1
+        if not new_live:
+            live = []
+            break
+        live = new_live
+        state = reorder(state, torch.tensor(src, dtype=torch.long))
+        tokens = torch.tensor([h[4][-1] for h in live], dtype=torch.long)
+    for r, mask, _, sc, seq in live:
+        add(r, mask, seq, sc)
+    out = []
+    for r in range(rows):
+        need = min(min_satisfied, len(cons[r]))
+        have = {m: hyps for (row, m), hyps in finished.items() if row == r and hyps}
+        if not have:
+            out.append([])
+            continue
+        best = max(bin(m).count("1") for m in have)
+        pool_r = [h for m, hyps in have.items() if bin(m).count("1") >= min(need, best)
+                  for h in hyps]
+        pool_r.sort(key=lambda h: -h[0])
+        out.append([(seq, sc) for sc, seq in pool_r[:n_best]])
+    return out

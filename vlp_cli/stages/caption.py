@@ -55,10 +55,10 @@ def output_path(out: str | Path) -> Path:
 def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None = None,
         images: Path | None = None, boxes: Path | None = None, corpus: Path | None = None,
         split: str = "test", limit: int | None = None, allow_incomplete: bool = False,
-        beam: int | None = None) -> Path:
+        beam: int | None = None, constrain_tags: bool = False) -> Path:
     """Caption images given as a feature store (optionally with a corpus for references) or
-    as an image folder, greedy or beam decoding (`beam`, else the recipe's); one JSON line per
-    image.
+    as an image folder, greedy or beam decoding (`beam`, else the recipe's), optionally
+    constrained to hold the images' tags; one JSON line per image.
 
     `out` is the JSONL file, or a folder (existing, or written with a trailing slash) that
     gets `captions.jsonl`.
@@ -97,7 +97,8 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
     else:
         builder = ExampleBuilder(tok, None, recipe.data, labels=meta["features"].get("labels"))
         keys, inputs = regions_from_images(Path(images), boxes, meta, builder, limit)
-    captions = task.caption(model, builder, inputs, tok, device(), beam=beam)
+    captions = task.caption(model, builder, inputs, tok, device(), beam=beam,
+                            constrain_tags=constrain_tags)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for k, cap in zip(keys, captions):

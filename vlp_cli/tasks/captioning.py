@@ -242,7 +242,7 @@ class Captioning(Task):
         or the best of a beam search when `captioning.beam_size` > 1."""
         import torch
 
-        from vlp_cli.decoding import beam_search, greedy, sample
+        from vlp_cli.decoding import beam_search, constrained_beam_search, greedy, sample
 
         cfg = self.recipe.captioning
         ds = CaptionDataset(None, builder, np.zeros(0), cfg, self.max_text_len(), 0)
@@ -250,6 +250,16 @@ class Captioning(Task):
             CachedCaptionDecoder if cfg.incremental else CaptionDecoder)(model, ds, images, device)
         # Never emit padding, [CLS], [MASK] or [UNK]; [SEP] ends the caption.
         banned = torch.tensor(sorted(builder.special_ids - {builder.sep_id}), dtype=torch.long)
+        if cfg.constrain_tags:
+            constraints = [[builder.tag_pieces[c] for c in
+                            list(dict.fromkeys(img.tag_classes))[: cfg.max_constraints]]
+                           for img in images]
+            hyps = constrained_beam_search(
+                decoder.step, decoder.reorder, decoder.start(), len(images),
+                cfg.max_caption_len, builder.sep_id, constraints,
+                min_satisfied=cfg.min_constraints, beam=cfg.beam_size,
+                length_penalty=cfg.length_penalty, banned=banned)
+            return [h[0][0] if h else [] for h in hyps]
         if cfg.sample:
             if self._sampler is None:
                 self._sampler = torch.Generator().manual_seed(self.recipe.seed)
@@ -266,14 +276,19 @@ class Captioning(Task):
 
     def caption(self, model: VLPModel, builder: ExampleBuilder, images: list[ImageInput],
                 tokenizer: Any, device: torch.device, batch_size: int = 32,
-                beam: int | None = None) -> list[str]:
+                beam: int | None = None, constrain_tags: bool = False) -> list[str]:
         """Caption texts, `batch_size` images at a time (vlp caption); `beam` overrides the
-        recipe's `captioning.beam_size`."""
-        if beam is not None:
-            from dataclasses import replace
+        recipe's `captioning.beam_size`, `constrain_tags` turns its constrained search on."""
+        from dataclasses import replace
 
-            self.recipe = replace(self.recipe, captioning=replace(self.recipe.captioning,
-                                                                  beam_size=beam))
+        cfg = self.recipe.captioning
+        cfg = replace(cfg, beam_size=cfg.beam_size if beam is None else beam,
+                      constrain_tags=cfg.constrain_tags or constrain_tags)
+        if cfg.constrain_tags and cfg.sample:
+            from vlp_cli import VlpError
+
+            raise VlpError("--constrain-tags is a beam search: drop --set captioning.sample")
+        self.recipe = replace(self.recipe, captioning=cfg)
         model.eval()
         out: list[str] = []
         for start in range(0, len(images), batch_size):
