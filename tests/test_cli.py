@@ -106,6 +106,9 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
             assert 0 <= out["i2t_r1"] <= out["i2t_r5"] <= out["i2t_r10"] <= 100
         else:
             assert out["images"] == 4 and "cider" in out and "bleu4" in out
+            coco = json.loads((d / "eval-captioning-test" / "captions_results.json").read_text())
+            assert len(coco) == 4 and all(isinstance(r["image_id"], int) and
+                                          isinstance(r["caption"], str) for r in coco)
 
     vlp("caption", "-k", d / "captioning", "-f", f, "-c", c, "--split", "test",
         "-o", d / "captions.jsonl")

@@ -405,3 +405,22 @@ def test_caption_metrics_java_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert auto.scores["cider"] == pytest.approx(java.scores["cider"])
     assert len(started) == 2
     assert all(m.meteor_p.poll() is not None for m in started)  # type: ignore[attr-defined]
+
+
+def test_spice_is_reported_skipped_with_its_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    python = caption_metrics(_TOY_PREDS, _TOY_REFS, use_java=False)
+    assert "spice" not in python.scores and python.spice_skipped == "use_java=False"
+    assert python.as_dict()["spice_skipped"] == "use_java=False"
+    if not metrics.java_available():
+        pytest.skip("no working java on PATH")
+    # This machine has Java but not CoreNLP's models (pycocoevalcap would download them).
+    why = metrics.spice_missing()
+    if why is not None:
+        java = caption_metrics(_TOY_PREDS, _TOY_REFS, use_java=True)
+        assert "spice" not in java.scores and java.spice_skipped == why
+        assert "stanford-corenlp-3.6.0" in why and "downloads" in why
+    # With the models present, SPICE's mean F-score joins the scores (x100).
+    monkeypatch.setattr(metrics, "spice_missing", lambda: None)
+    monkeypatch.setattr(metrics, "_run_spice", lambda gts, res: 0.215)
+    java = caption_metrics(_TOY_PREDS, _TOY_REFS, use_java=True)
+    assert java.scores["spice"] == pytest.approx(21.5) and java.spice_skipped is None

@@ -385,7 +385,18 @@ Examples:
 @_friendly
 def evaluate(
     task: Annotated[str, typer.Argument(help=" | ".join(registry.TASKS))],
-    checkpoint: Checkpoint, corpus: Corpus, features: Features,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-k",
+                          help="Checkpoint directory.")] = None,
+    corpus: Annotated[Optional[Path], typer.Option("--corpus", "-c", help="Corpus store "
+                      "directory (from build-corpus).")] = None,
+    features: Annotated[Optional[Path], typer.Option("--features", "-f", help="Feature store "
+                        "directory (from extract-features).")] = None,
+    predictions: Annotated[Optional[Path], typer.Option(help="Or score this file of another "
+                           "system's output (captions: COCO results JSON or JSONL {image, "
+                           "caption}) against --references, without a checkpoint.")] = None,
+    references: Annotated[Optional[Path], typer.Option(help="References for --predictions "
+                          "(captions: a COCO captions_*.json or JSONL {image, caption}).")
+                          ] = None,
     split: Annotated[str, typer.Option(help="Corpus split to score.")] = "test",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for "
                    "metrics.json and predictions.jsonl (default: a new eval-CHECKPOINT-SPLIT "
@@ -394,9 +405,31 @@ def evaluate(
                                                  min=1)] = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
+    """Checkpoint + corpus split -> metrics.json, predictions.jsonl; or score a predictions
+    file against references.
+
+    Examples:
+
+        vlp evaluate vqa -k ckpt-vqa/ -c corpus/ -f feats/
+
+        vlp evaluate captioning --predictions results.json --references captions_val2014.json
+    """
     _setup(verbose)
     from vlp_cli.stages import evaluate as stage
 
+    if predictions is not None or references is not None:
+        if predictions is None or references is None:
+            raise VlpError("--predictions and --references go together: give both")
+        if checkpoint is not None or corpus is not None or features is not None:
+            raise VlpError("--predictions scores a file without a model: drop --checkpoint, "
+                           "--corpus and --features (or drop --predictions)")
+        typer.echo(json.dumps(stage.score_files(task, predictions, references, out), indent=2))
+        return
+    missing = [o for o, v in (("--checkpoint", checkpoint), ("--corpus", corpus),
+                              ("--features", features)) if v is None]
+    if missing:
+        raise VlpError(f"vlp evaluate {task}: missing {', '.join(missing)} (or score a file "
+                       "with --predictions and --references)")
     result = stage.run(task, checkpoint, corpus, features,
                        _checkpoint_recipe(checkpoint, recipe, sets), split, out, limit)
     typer.echo(json.dumps(result, indent=2))

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -382,6 +383,7 @@ class CaptionMetrics:
         meteor_ran: Whether METEOR was computed (it needs Java).
         num_images: How many images were scored.
         meteor_skipped: Why METEOR is missing, or ``None`` if it ran.
+        spice_skipped: Why SPICE is missing, or ``None`` if it ran.
     """
 
     scores: dict[str, float]
@@ -389,6 +391,7 @@ class CaptionMetrics:
     meteor_ran: bool
     num_images: int
     meteor_skipped: str | None = None
+    spice_skipped: str | None = None
 
     def as_dict(self) -> dict[str, float | str | bool | int | None]:
         """Flatten into one JSON-ready mapping.
@@ -403,6 +406,7 @@ class CaptionMetrics:
             "meteor_ran": self.meteor_ran,
             "num_images": self.num_images,
             "meteor_skipped": self.meteor_skipped,
+            "spice_skipped": self.spice_skipped,
         }
 
 
@@ -495,10 +499,46 @@ def caption_metrics(
                 raise
             logger.warning("METEOR left out: %s", err)
             meteor_skipped = str(err)
+    spice_skipped = spice_missing() if java else meteor_skipped
+    if spice_skipped is None:
+        try:
+            scores["spice"] = 100.0 * _run_spice(gts, res)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as err:
+            spice_skipped = f"SPICE failed: {err}"
+    if spice_skipped is not None:
+        logger.info("SPICE not computed: %s", spice_skipped)
     return CaptionMetrics(
         scores=scores,
         tokenizer=tokenizer,
         meteor_ran="meteor" in scores,
         num_images=len(keys),
         meteor_skipped=meteor_skipped,
+        spice_skipped=spice_skipped,
     )
+
+
+def spice_missing() -> str | None:
+    """Why SPICE cannot run here, or None. pycocoevalcap's SPICE needs Stanford CoreNLP 3.6.0
+    beside its jar, which it would download on first use; vlp never downloads, so without
+    the two jars SPICE is reported as skipped."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pycocoevalcap.spice")
+    if spec is None or not spec.submodule_search_locations:
+        return "pycocoevalcap has no SPICE module"
+    lib = Path(list(spec.submodule_search_locations)[0]) / "lib"
+    need = [lib / f"stanford-corenlp-3.6.0{s}.jar" for s in ("", "-models")]
+    absent = [p.name for p in need if not p.is_file()]
+    if absent:
+        return (f"Stanford CoreNLP models not installed ({', '.join(absent)} missing in {lib}; "
+                "pycocoevalcap downloads them from nlp.stanford.edu, which vlp does not)")
+    return None
+
+
+def _run_spice(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
+    """pycocoevalcap's SPICE (Java, Stanford CoreNLP) on tokenised captions: mean F-score."""
+    from pycocoevalcap.spice.spice import Spice
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        score, _ = Spice().compute_score(gts, res)
+    return float(score)

@@ -37,6 +37,23 @@ def default_out(checkpoint: Path, split: str) -> Path:
     return out
 
 
+def score_files(task_name: str, predictions: Path, references: Path,
+                out: Path | None = None) -> dict:
+    """Score another system's output file against references (no checkpoint): metrics.json
+    and predictions.jsonl into `out` (default: a new `eval-PREDICTIONS` folder beside it)."""
+    from vlp_cli import tasks as registry
+
+    task = registry.get(task_name)
+    out = Path(out) if out is not None else default_out(Path(predictions).with_suffix(""),
+                                                        "scored")
+    check_writable(out / METRICS_FILE, file=True)
+    metrics, preds = task.score_files(Path(predictions), Path(references))
+    result = {"task": task.name, "predictions": str(predictions),
+              "references": str(references), **metrics}
+    _write(out, result, preds, {})
+    return result
+
+
 def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, recipe: Recipe,
         split: str = "test", out: Path | None = None, limit: int | None = None) -> dict:
     """Score `checkpoint` on a task over a corpus split; write metrics.json and predictions."""
@@ -69,18 +86,20 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, recipe: 
     metrics, preds = task.evaluate(ctx, model, split, limit, accelerator)
     result = {"task": task.name, "split": split, "checkpoint": str(checkpoint), **metrics}
     if accelerator.is_main_process:
-        _write(out, result, preds)
+        _write(out, result, preds, task.result_files(preds))
     accelerator.wait_for_everyone()
     return result
 
 
-def _write(out: Path, result: dict, preds: list[dict]) -> None:
+def _write(out: Path, result: dict, preds: list[dict], extra: dict) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(json.dumps(result, indent=2), encoding="utf-8")
         with (out / PREDICTIONS_FILE).open("w", encoding="utf-8") as f:
             for p in preds:
                 f.write(json.dumps(p) + "\n")
+        for name, content in extra.items():
+            (out / name).write_text(json.dumps(content), encoding="utf-8")
     except OSError as exc:
         # The folder was writable when the run started; keep the metrics an evaluation cost.
         from vlp_cli.console import out as stdout

@@ -23,6 +23,8 @@ from vlp_cli.data.examples import ExampleBuilder, TaskDataset
 from vlp_cli.stores.corpus import Corpus
 
 if TYPE_CHECKING:  # task files import without torch (vlp --help); torch comes with a run
+    from pathlib import Path
+
     import torch
 
     from vlp_cli.model import HeadSpec, VLPModel
@@ -103,6 +105,19 @@ class Task:
                  accelerator: Any) -> tuple[dict, list[dict]]:
         """(metrics, predictions) on a corpus split; scoring is split over processes."""
         raise NotImplementedError
+
+    def result_files(self, predictions: list[dict]) -> dict[str, Any]:
+        """Extra JSON files `evaluate` writes beside predictions.jsonl (name -> content), in a
+        data set's own results format."""
+        return {}
+
+    def score_files(self, predictions: Path, references: Path) -> tuple[dict, list[dict]]:
+        """(metrics, predictions) of another system's output file against reference files,
+        without a checkpoint (`vlp evaluate TASK --predictions F --references F`)."""
+        from vlp_cli import VlpError
+
+        raise VlpError(f"'{self.name}' cannot score a --predictions file; give --checkpoint, "
+                       "--corpus and --features")
 
     def check_checkpoint(self, meta: dict) -> str | None:
         """Why a checkpoint cannot be evaluated for this task, or None."""

@@ -17,11 +17,14 @@ from vlp_cli.tasks.base import (Context, Stats, Task, encode, masked_tokens, pad
                                 sharded_map, split_indices)
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from vlp_cli.model import HeadSpec, VLPModel
 
 KIND = "caption"
+RESULTS_FILE = "captions_results.json"  # evaluate's COCO results file
 
 
 class CaptionDataset(TaskDataset):
@@ -332,6 +335,34 @@ class Captioning(Task):
         metrics = caption_metrics(preds, {k: refs[k] for k in keys}).as_dict()
         metrics["images"] = len(keys)
         return metrics, [{"image": k, "caption": preds[k], "references": refs[k]} for k in keys]
+
+    def result_files(self, predictions: list[dict]) -> dict[str, Any]:
+        """COCO's results format: [{"image_id", "caption"}], image ids by the COCO reader's
+        rule (the integer ending a key's file stem)."""
+        from vlp_cli.readers.coco_captions import image_id
+
+        return {RESULTS_FILE: [{"image_id": image_id(p["image"]), "caption": p["caption"]}
+                               for p in predictions]}
+
+    def score_files(self, predictions: Path, references: Path) -> tuple[dict, list[dict]]:
+        """Any system's captions (COCO results JSON, or JSONL {"image", "caption"}) against
+        references (a COCO captions file, or JSONL {"image", "caption"} lines)."""
+        from vlp_cli import VlpError
+        from vlp_cli.metrics import caption_metrics
+        from vlp_cli.readers.coco_captions import read_references, read_results
+
+        preds, refs = read_results(predictions), read_references(references)
+        if not preds:
+            raise VlpError(f"--predictions {predictions}: no captions in it")
+        missing = [k for k in preds if k not in refs]
+        if missing:
+            raise VlpError(f"--predictions {predictions}: {len(missing)} of {len(preds)} images "
+                           f"have no reference in {references} (first: {missing[0]!r}); "
+                           "predictions and references must name images the same way")
+        metrics = caption_metrics(preds, {k: refs[k] for k in preds}).as_dict()
+        metrics["images"] = len(preds)
+        return metrics, [{"image": k, "caption": preds[k], "references": refs[k]}
+                         for k in sorted(preds)]
 
 
 TASK = Captioning()
