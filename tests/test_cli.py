@@ -156,6 +156,36 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
                               str(d / "x.jsonl")])
     assert res.exit_code == 1 and "finetune captioning" in res.output
 
+    # Answers and match scores straight from image files, and the same through Python.
+    test_images, one = images["images"] / "test", images["images"] / "test" / "0.png"
+    out = vlp("answer", one, "what shape is in the image?", "-k", d / "vqa", "--boxes",
+              images["boxes"], "--top", "3", "-o", d / "answers.jsonl")
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["image"] == "0.png" and len(row["answers"]) == 3
+    scores = [a["score"] for a in row["answers"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= x <= 1 for x in scores)
+    assert json.loads((d / "answers.jsonl").read_text()) == row
+    from vlp_cli.infer import Predictor
+
+    vqa = Predictor(d / "vqa", boxes=images["boxes"])
+    py = vqa.answer(one, "what shape is in the image?", top=3)["0.png"]
+    assert [a for a, _ in py] == [a["answer"] for a in row["answers"]]
+    out = vlp("score", test_images, "a small red circle", "a large blue square", "-k",
+              d / "retrieval", "--boxes", images["boxes"])
+    rows = [json.loads(x) for x in out.strip().splitlines() if x.startswith("{")]
+    assert [r["image"] for r in rows] == [f"{i}.png" for i in range(4)]
+    for r in rows:
+        assert {s["text"] for s in r["scores"]} == {"a small red circle", "a large blue square"}
+        assert r["scores"][0]["score"] >= r["scores"][1]["score"]
+    # A checkpoint never fine-tuned for the request is refused in one line.
+    res = runner.invoke(app, ["answer", str(one), "what?", "-k", str(d / "captioning")])
+    assert res.exit_code == 1 and "finetune vqa" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["score", str(one), "a circle", "-k", str(d / "vqa")])
+    assert res.exit_code == 1 and "finetune retrieval" in res.output
+    # Without the given boxes the checkpoint was trained on: the embedded detector, a warning.
+    caps = Predictor(d / "captioning").caption(test_images)
+    assert sorted(caps) == [f"{i}.png" for i in range(4)]
+
 
 def test_user_errors_are_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "r.yaml"

@@ -480,6 +480,81 @@ def caption(
 
 @app.command()
 @_friendly
+def answer(
+    images: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
+    question: Annotated[str, typer.Argument(help="The question.")],
+    checkpoint: Checkpoint,
+    boxes: Annotated[Optional[Path], typer.Option(help="Given boxes for the images, when the "
+                     "checkpoint was trained on given boxes (else the embedded detector).")
+                     ] = None,
+    top: Annotated[int, typer.Option(help="Answers per image.", min=1)] = 5,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSONL here.")
+                   ] = None,
+    recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+) -> None:
+    """VQA checkpoint + image(s) + a question -> the top answers with their scores.
+
+    Examples:
+
+        vlp answer photo.jpg "what color is the shape?" -k ckpt-vqa/
+
+        vlp answer photos/ "is there a dog?" -k ckpt-vqa/ --top 3 -o answers.jsonl
+    """
+    _setup(verbose)
+    from vlp_cli.infer import Predictor
+
+    _writable(out, file=True)
+    result = Predictor(checkpoint, boxes, _checkpoint_recipe(checkpoint, recipe, sets)
+                       ).answer(images, question, top)
+    rows = [{"image": k, "question": question,
+             "answers": [{"answer": a, "score": round(sc, 4)} for a, sc in v]}
+            for k, v in result.items()]
+    _emit(rows, out)
+
+
+@app.command()
+@_friendly
+def score(
+    images: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
+    texts: Annotated[list[str], typer.Argument(help="One or more texts to match.")],
+    checkpoint: Checkpoint,
+    boxes: Annotated[Optional[Path], typer.Option(help="Given boxes for the images, when the "
+                     "checkpoint was trained on given boxes (else the embedded detector).")
+                     ] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSONL here.")
+                   ] = None,
+    recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
+) -> None:
+    """Retrieval checkpoint + image(s) + texts -> match scores, texts ranked per image.
+
+    Examples:
+
+        vlp score photo.jpg "a red circle" "a blue square" -k ckpt-retrieval/
+    """
+    _setup(verbose)
+    from vlp_cli.infer import Predictor
+
+    _writable(out, file=True)
+    result = Predictor(checkpoint, boxes, _checkpoint_recipe(checkpoint, recipe, sets)
+                       ).score(images, list(texts))
+    rows = [{"image": k, "scores": [{"text": t, "score": round(sc, 4)} for sc, t in
+                                    sorted(zip(v, texts), key=lambda x: -x[0])]}
+            for k, v in result.items()]
+    _emit(rows, out)
+
+
+def _emit(rows: list[dict], out: Path | None) -> None:
+    """One JSON line per row on stdout, and into `out` when given."""
+    lines = [json.dumps(r) for r in rows]
+    for line in lines:
+        typer.echo(line)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+
+
+@app.command()
+@_friendly
 def validate(
     recipe: Annotated[Path, typer.Argument(help=f"Recipe YAML, or a built-in name ({BUILTINS})."
                                                  )], sets: Sets = None,

@@ -125,16 +125,27 @@ class Extractor:
                 "feature_dim": self.backbone.info.feature_dim, "labels": self.labels}
 
     @classmethod
-    def from_meta(cls, meta: dict, boxes: GivenBoxes | None = None) -> Extractor:
-        """Rebuild the extractor a feature store (or checkpoint) records, or refuse."""
+    def from_meta(cls, meta: dict, boxes: GivenBoxes | None = None,
+                  fallback_detector: bool = False) -> Extractor:
+        """Rebuild the extractor a feature store (or checkpoint) records, or refuse. Features
+        made from given boxes need `boxes` for new images; with `fallback_detector` the
+        embedded detector finds them instead (a warning: its tags are COCO's 80 classes, which
+        a model trained on other tags has not seen)."""
         ext = meta.get("extractor") or {}
         if not str(ext.get("name", "")).startswith("vlp-roi/"):
             raise VlpError(f"features from {ext.get('name')!r} cannot be reproduced from raw "
                            "images by vlp's extractor: pass features instead")
         src = ext.get("boxes", {})
-        if src.get("source") == "given" and boxes is None:
-            raise VlpError("these features were made from given boxes: pass --boxes FILE.jsonl "
-                           "for the new images")
+        fallback = src.get("source") == "given" and boxes is None
+        if fallback:
+            if not fallback_detector:
+                raise VlpError("these features were made from given boxes: pass --boxes "
+                               "FILE.jsonl for the new images")
+            logger.warning("the checkpoint's features came from given boxes and none were "
+                           "passed (--boxes): boxes and tags come from the embedded yolov3-tiny "
+                           "detector instead (COCO's classes as tags)")
+            src = {"source": "detector", "detector": "yolov3-tiny", "input_size": 416,
+                   "keep_conf_th": 0.05, "nms_iou": 0.45, "max_detections": 100}
         cfg = ExtractCfg(backbone=ext["backbone"]["name"], **ext["config"])
         if src.get("source") == "grid":
             cfg.detector, cfg.fallback_grid = "grid", int(src.get("grid", 3))
@@ -145,11 +156,11 @@ class Extractor:
             cfg.detector, cfg.detector_input = "yolov3-tiny", int(src["input_size"])
             cfg.keep_conf_th, cfg.nms_iou = float(src["keep_conf_th"]), float(src["nms_iou"])
             cfg.max_detections = int(src["max_detections"])
-        out = cls(cfg, given=boxes, labels=meta.get("labels"))
+        out = cls(cfg, given=boxes, labels=None if fallback else meta.get("labels"))
         if out.backbone.info.weights_sha256 != ext["backbone"].get("weights_sha256"):
             raise VlpError("the installed backbone weights differ from the ones these features "
                            "were extracted with")
-        if (out.detector_info is not None
+        if (out.detector_info is not None and not fallback
                 and out.detector_info.weights_sha256 != src.get("weights_sha256")):
             raise VlpError("the installed detector weights differ from the recorded ones")
         return out

@@ -11,37 +11,13 @@ from pathlib import Path
 from vlp_cli import VlpError
 from vlp_cli.checkpoint import load_checkpoint, quiet_transformers
 from vlp_cli.config import Recipe
-from vlp_cli.data.examples import ExampleBuilder, ImageInput
+from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.outputs import check_writable
 from vlp_cli.stages.common import check_features, device
 from vlp_cli.stores.corpus import Corpus
-from vlp_cli.stores.features import FeatureStore, select_count
+from vlp_cli.stores.features import FeatureStore
 
 logger = logging.getLogger(__name__)
-
-
-def regions_from_images(images: Path, boxes: Path | None, meta: dict, builder: ExampleBuilder,
-                        limit: int | None) -> tuple[list[str], list[ImageInput]]:
-    """Extract features from raw images exactly as the checkpoint's feature store was made."""
-    from vlp_cli.extractors.given import read_boxes_jsonl
-    from vlp_cli.extractors.images import list_images
-    from vlp_cli.extractors.pipeline import Extractor, extract_batches
-
-    given = read_boxes_jsonl(boxes) if boxes is not None else None
-    extractor = Extractor.from_meta(meta["features"], given)
-    files = list_images(images)[:limit]
-    keys: list[str] = []
-    out: list[ImageInput] = []
-    d = builder.cfg
-    for batch in extract_batches(files, extractor, extractor.cfg.batch_size, 0):
-        for key, r, error, _ in batch:
-            if r is None:
-                logger.warning("skipped %s: %s", key, error)
-                continue
-            n = select_count(r.confidences, d.conf_th, d.min_boxes, d.max_boxes)
-            keys.append(key)
-            out.append(builder.image_input(r.take(n)))
-    return keys, out
 
 
 def output_path(out: str | Path) -> Path:
@@ -95,8 +71,10 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
         keys = keys[:limit]
         inputs = [builder.regions(k) for k in keys]
     else:
-        builder = ExampleBuilder(tok, None, recipe.data, labels=meta["features"].get("labels"))
-        keys, inputs = regions_from_images(Path(images), boxes, meta, builder, limit)
+        from vlp_cli.infer import regions_from_images
+
+        keys, inputs, builder = regions_from_images(Path(images), boxes, meta, tok,
+                                                    recipe.data, limit)
     captions = task.caption(model, builder, inputs, tok, device(), beam=beam,
                             constrain_tags=constrain_tags)
     out.parent.mkdir(parents=True, exist_ok=True)

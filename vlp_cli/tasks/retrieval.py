@@ -186,5 +186,28 @@ class Retrieval(Task):
                   for i in range(len(images))]
         return metrics, ranked
 
+    def match_scores(self, model: VLPModel, builder: ExampleBuilder, images: list[ImageInput],
+                     texts: list[str], tokenizer: Any, device: torch.device,
+                     batch_size: int = 256) -> np.ndarray:
+        """[images, texts]: the matched-class probability of every pair (vlp score)."""
+        import torch
+
+        from vlp_cli.data.datasets import Collator
+
+        pairer = RetrievalTrainDataset(None, builder, np.zeros(0),  # type: ignore[arg-type]
+                                       self.recipe.data.max_text_len, 0)
+        words = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        pairs = _Pairs(pairer, images, words)
+        collate = Collator(builder.pad_id)
+        out = []
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, len(pairs), batch_size):
+                items = [pairs[k] for k in range(start, min(start + batch_size, len(pairs)))]
+                batch = {k: v.to(device) for k, v in collate(items).items()}
+                out.append(model.cls_logits(self.name, encode(model, batch)).float()
+                           .softmax(-1)[:, 1].cpu())
+        return torch.cat(out).numpy().reshape(len(images), len(texts))
+
 
 TASK = Retrieval()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlp_cli import VlpError
-from vlp_cli.data.examples import ExampleBuilder, TaskDataset
+from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.tasks.base import (Context, Stats, Task, encode, longs, mean_stat, sharded_map,
                                 split_indices)
@@ -434,6 +434,28 @@ class Vqa(Task):
                    "yes/no": 100 * float(np.mean(yes_no)) if yes_no else None,
                    "other": 100 * float(np.mean(other)) if other else None}
         return metrics, preds
+
+    def answer(self, model: VLPModel, builder: ExampleBuilder, images: list[ImageInput],
+               questions: list[str], tokenizer: Any, device: torch.device,
+               top: int = 5) -> list[list[tuple[str, float]]]:
+        """The `top` answers to each (image, question) pair with their scores: the head's
+        sigmoid, an estimate of the VQA soft score the answer would earn (vlp answer)."""
+        import torch
+
+        from vlp_cli.data.datasets import Collator
+
+        answers = self.state["answers"]
+        items = [TaskDataset.item(builder.text(tokenizer(q, add_special_tokens=False).input_ids,
+                                               builder.tag_ids(img.tag_classes),
+                                               self.recipe.vqa.max_text_len), img)
+                 for img, q in zip(images, questions)]
+        model.eval()
+        with torch.no_grad():
+            batch = {k: v.to(device) for k, v in Collator(builder.pad_id)(items).items()}
+            probs = model.cls_logits(self.name, encode(model, batch)).float().sigmoid()
+            scores, idx = probs.topk(min(top, len(answers)), dim=-1)
+        return [[(answers[i], float(s)) for s, i in zip(srow, irow)]
+                for srow, irow in zip(scores.tolist(), idx.tolist())]
 
 
 TASK = Vqa()
