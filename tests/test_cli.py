@@ -121,7 +121,8 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     assert [x["image"] for x in beams] == [x["image"] for x in caps]
     assert all(isinstance(x["caption"], str) for x in beams)
     vlp("caption", "-k", d / "captioning", "-f", f, "--limit", "2", "--set",
-        "captioning.sample=true", "--set", "captioning.top_k=5", "-o", d / "sampled.jsonl")
+        "captioning.sample=true", "--set", "captioning.top_k=5", "--set",
+        "captioning.beam_size=1", "-o", d / "sampled.jsonl")
     assert len((d / "sampled.jsonl").read_text().splitlines()) == 2
     vlp("caption", "-k", d / "captioning", "-f", f, "--limit", "2", "--beam", "2",
         "--constrain-tags", "-o", d / "constrained.jsonl")
@@ -130,7 +131,14 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
         assert tag_words & set(x["caption"].split()), x
     # Raw images: features are extracted the way the checkpoint's were (given boxes here).
     vlp("caption", "-k", d / "captioning", "--images", images["images"] / "test",
-        "--boxes", images["boxes"], "-o", d / "from-images.jsonl")
+        "--boxes", images["boxes"], "-o", d / "from-images.jsonl", "--draw", d / "drawn")
+    from PIL import Image
+
+    drawn = sorted(p.name for p in (d / "drawn").iterdir())
+    assert drawn == [f"{i}.png.jpg" for i in range(4)]
+    with Image.open(d / "drawn" / "0.png.jpg") as im, \
+            Image.open(images["images"] / "test" / "0.png") as src:
+        assert im.size[0] == src.size[0] and im.size[1] > src.size[1]  # the caption band
     from_images = [json.loads(x) for x in (d / "from-images.jsonl").read_text().splitlines()]
     assert sorted(x["image"] for x in from_images) == [f"{i}.png" for i in range(4)]
     # Same pixels, same extractor rebuilt from the store's metadata: the same features (up to
@@ -155,11 +163,15 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     res = runner.invoke(app, ["caption", "-k", str(d / "pre"), "-f", str(f), "-o",
                               str(d / "x.jsonl")])
     assert res.exit_code == 1 and "finetune captioning" in res.output
+    res = runner.invoke(app, ["caption", "-k", str(d / "captioning"), "-f", str(f), "-o",
+                              str(d / "x.jsonl"), "--draw", str(d / "nope")])
+    assert res.exit_code == 1 and "--draw needs the pixels" in res.output
 
     # Answers and match scores straight from image files, and the same through Python.
     test_images, one = images["images"] / "test", images["images"] / "test" / "0.png"
     out = vlp("answer", one, "what shape is in the image?", "-k", d / "vqa", "--boxes",
-              images["boxes"], "--top", "3", "-o", d / "answers.jsonl")
+              images["boxes"], "--top", "3", "-o", d / "answers.jsonl", "--draw", d / "qa")
+    assert (d / "qa" / "0.png.jpg").is_file()
     row = json.loads(out.strip().splitlines()[-1])
     assert row["image"] == "0.png" and len(row["answers"]) == 3
     scores = [a["score"] for a in row["answers"]]

@@ -456,6 +456,8 @@ def caption(
     constrain_tags: Annotated[bool, typer.Option("--constrain-tags", help="Constrained beam "
                               "search: each caption holds at least 2 of its image's first 3 "
                               "tags (NoCaps' CBS, as Oscar ran it).")] = False,
+    draw: Annotated[Optional[Path], typer.Option(help="Write each image (--images) with its "
+                    "boxes, tags and caption drawn into this folder.")] = None,
     allow_incomplete: AllowIncomplete = False,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
@@ -475,7 +477,7 @@ def caption(
     stage.run(checkpoint, out, _checkpoint_recipe(checkpoint, recipe, sets),
               features=features, images=images, boxes=boxes, corpus=corpus, split=split,
               limit=limit, allow_incomplete=allow_incomplete, beam=beam,
-              constrain_tags=constrain_tags)
+              constrain_tags=constrain_tags, draw=draw)
 
 
 @app.command()
@@ -488,6 +490,8 @@ def answer(
                      "checkpoint was trained on given boxes (else the embedded detector).")
                      ] = None,
     top: Annotated[int, typer.Option(help="Answers per image.", min=1)] = 5,
+    draw: Annotated[Optional[Path], typer.Option(help="Write each image with its boxes, tags "
+                    "and best answer drawn into this folder.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSONL here.")
                    ] = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
@@ -505,7 +509,7 @@ def answer(
 
     _writable(out, file=True)
     result = Predictor(checkpoint, boxes, _checkpoint_recipe(checkpoint, recipe, sets)
-                       ).answer(images, question, top)
+                       ).answer(images, question, top, draw=draw)
     rows = [{"image": k, "question": question,
              "answers": [{"answer": a, "score": round(sc, 4)} for a, sc in v]}
             for k, v in result.items()]
@@ -521,6 +525,8 @@ def score(
     boxes: Annotated[Optional[Path], typer.Option(help="Given boxes for the images, when the "
                      "checkpoint was trained on given boxes (else the embedded detector).")
                      ] = None,
+    draw: Annotated[Optional[Path], typer.Option(help="Write each image with its boxes, tags "
+                    "and best-matching text drawn into this folder.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSONL here.")
                    ] = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
@@ -536,7 +542,7 @@ def score(
 
     _writable(out, file=True)
     result = Predictor(checkpoint, boxes, _checkpoint_recipe(checkpoint, recipe, sets)
-                       ).score(images, list(texts))
+                       ).score(images, list(texts), draw=draw)
     rows = [{"image": k, "scores": [{"text": t, "score": round(sc, 4)} for sc, t in
                                     sorted(zip(v, texts), key=lambda x: -x[0])]}
             for k, v in result.items()]

@@ -45,24 +45,47 @@ def image_files(images: Path) -> list[tuple[str, Path]]:
     return files
 
 
+class Drawer:
+    """Keeps each image's pixels and regions so that its drawing, with the text the model
+    gave it, can be written once that text is known (`--draw DIR`)."""
+
+    def __init__(self, folder: Path, labels: list[str], data_cfg: Any):
+        self.folder, self.labels, self.data_cfg = Path(folder), labels, data_cfg
+        self.kept: dict[str, tuple[Any, Any]] = {}
+
+    def keep(self, key: str, decoded: Any, regions: Any) -> None:
+        self.kept[key] = (decoded, regions)
+
+    def write(self, texts: dict[str, str]) -> None:
+        from vlp_cli.extractors.draw import draw_regions
+
+        for key, text in texts.items():
+            decoded, regions = self.kept[key]
+            # The key's own name plus .jpg: cat.png and cat.jpg stay two drawings.
+            draw_regions(decoded, regions, self.labels, self.folder / f"{key}.jpg",
+                         self.data_cfg, caption=text)
+        logger.info("%d drawings -> %s", len(texts), self.folder)
+
+
 def regions_from_images(images: Path, boxes: Path | None, meta: dict, tokenizer: Any,
                         data_cfg: Any, limit: int | None = None,
-                        fallback_detector: bool = True,
-                        ) -> tuple[list[str], list[ImageInput], ExampleBuilder]:
+                        fallback_detector: bool = True, draw: Path | None = None,
+                        ) -> tuple[list[str], list[ImageInput], ExampleBuilder, Drawer | None]:
     """Features of raw images extracted exactly as the checkpoint's feature store was made,
-    and the builder that reads their tags (the detector's labels when it stood in for the
-    given boxes the checkpoint was trained on)."""
+    the builder that reads their tags (the detector's labels when it stood in for the given
+    boxes the checkpoint was trained on), and with `draw` a Drawer holding their pixels."""
     from vlp_cli.extractors.given import read_boxes_jsonl
     from vlp_cli.extractors.pipeline import Extractor, extract_batches
 
     given = read_boxes_jsonl(boxes) if boxes is not None else None
     extractor = Extractor.from_meta(meta["features"], given, fallback_detector)
     builder = ExampleBuilder(tokenizer, None, data_cfg, labels=extractor.labels)
+    drawer = Drawer(draw, extractor.labels, data_cfg) if draw is not None else None
     keys: list[str] = []
     out: list[ImageInput] = []
     for batch in extract_batches(image_files(images)[:limit], extractor,
-                                 extractor.cfg.batch_size, 0):
-        for key, r, error, _ in batch:
+                                 extractor.cfg.batch_size, 0, keep_rgb=draw is not None):
+        for key, r, error, decoded in batch:
             if r is None:
                 logger.warning("skipped %s: %s", key, error)
                 continue
@@ -70,9 +93,11 @@ def regions_from_images(images: Path, boxes: Path | None, meta: dict, tokenizer:
                              data_cfg.max_boxes)
             keys.append(key)
             out.append(builder.image_input(r.take(n)))
+            if drawer is not None:
+                drawer.keep(key, decoded, r)
     if not out:
         raise VlpError(f"{images}: no image could be read (see the warnings above)")
-    return keys, out, builder
+    return keys, out, builder, drawer
 
 
 class Predictor:
@@ -105,35 +130,54 @@ class Predictor:
                            f"{what} need one from `vlp finetune {' or '.join(able)}`")
         return self.task
 
-    def images(self, images: str | Path, limit: int | None = None,
-               ) -> tuple[list[str], list[ImageInput], ExampleBuilder]:
+    def images(self, images: str | Path, limit: int | None = None, draw: Path | None = None,
+               ) -> tuple[list[str], list[ImageInput], ExampleBuilder, Drawer | None]:
         return regions_from_images(Path(images), self.boxes, self.meta, self.tokenizer,
-                                   self.recipe.data, limit)
+                                   self.recipe.data, limit, draw=draw)
 
     def answer(self, images: str | Path, question: str, top: int = 5,
-               ) -> dict[str, list[tuple[str, float]]]:
-        """Image key -> the top answers to `question` with their scores."""
+               draw: str | Path | None = None) -> dict[str, list[tuple[str, float]]]:
+        """Image key -> the top answers to `question` with their scores; `draw`: a folder
+        for each image drawn with its boxes, tags, the question and the best answer."""
         task = self._need("answer", "answers")
-        keys, inputs, builder = self.images(images)
-        out = task.answer(self.model, builder, inputs, [question] * len(inputs),
-                          self.tokenizer, self.device, top)
-        return dict(zip(keys, out))
+        keys, inputs, builder, drawer = self.images(images, draw=_path(draw))
+        out = dict(zip(keys, task.answer(self.model, builder, inputs,
+                                         [question] * len(inputs), self.tokenizer,
+                                         self.device, top)))
+        if drawer is not None:
+            drawer.write({k: f"{question} -> {v[0][0]} ({v[0][1]:.2f})" for k, v in out.items()})
+        return out
 
-    def score(self, images: str | Path, texts: list[str]) -> dict[str, list[float]]:
-        """Image key -> the match score of each text (in the texts' order)."""
+    def score(self, images: str | Path, texts: list[str],
+              draw: str | Path | None = None) -> dict[str, list[float]]:
+        """Image key -> the match score of each text (in the texts' order); `draw`: a folder
+        for each image drawn with its boxes, tags and best-matching text."""
         task = self._need("match_scores", "match scores")
         if not texts:
             raise VlpError("give at least one text to score")
-        keys, inputs, builder = self.images(images)
+        keys, inputs, builder, drawer = self.images(images, draw=_path(draw))
         scores = np.asarray(task.match_scores(self.model, builder, inputs, texts,
                                               self.tokenizer, self.device))
-        return {k: [float(x) for x in row] for k, row in zip(keys, scores)}
+        out = {k: [float(x) for x in row] for k, row in zip(keys, scores)}
+        if drawer is not None:
+            drawer.write({k: f"{texts[int(np.argmax(v))]} ({max(v):.2f})"
+                          for k, v in out.items()})
+        return out
 
     def caption(self, images: str | Path, beam: int | None = None,
-                constrain_tags: bool = False) -> dict[str, str]:
-        """Image key -> caption."""
+                constrain_tags: bool = False, draw: str | Path | None = None,
+                limit: int | None = None) -> dict[str, str]:
+        """Image key -> caption; `draw`: a folder for each image drawn with its boxes, tags
+        and caption."""
         task = self._need("caption", "captions")
-        keys, inputs, builder = self.images(images)
-        return dict(zip(keys, task.caption(self.model, builder, inputs, self.tokenizer,
-                                           self.device, beam=beam,
-                                           constrain_tags=constrain_tags)))
+        keys, inputs, builder, drawer = self.images(images, limit, draw=_path(draw))
+        out = dict(zip(keys, task.caption(self.model, builder, inputs, self.tokenizer,
+                                          self.device, beam=beam,
+                                          constrain_tags=constrain_tags)))
+        if drawer is not None:
+            drawer.write(out)
+        return out
+
+
+def _path(p: str | Path | None) -> Path | None:
+    return Path(p) if p is not None else None

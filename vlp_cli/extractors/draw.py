@@ -15,7 +15,7 @@ _COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 
 
 def draw_regions(decoded: Any, regions: Regions, labels: list[str], path: Path,
-                 data: DataCfg) -> Path:
+                 data: DataCfg, caption: str | None = None) -> Path:
     """Draw the boxes a recipe's read-time policy keeps (`data.conf_th`, min/max boxes).
 
     Args:
@@ -24,6 +24,7 @@ def draw_regions(decoded: Any, regions: Regions, labels: list[str], path: Path,
         labels: the store's tag vocabulary.
         path: output file; the suffix becomes .jpg.
         data: the read-time selection policy.
+        caption: text written in a band under the image (a generated caption, an answer).
     """
     from PIL import Image, ImageDraw
 
@@ -43,7 +44,27 @@ def draw_regions(decoded: Any, regions: Regions, labels: list[str], path: Path,
         left, top, right, bottom = pen.textbbox((x1, y1), text)
         pen.rectangle([x1, y1, x1 + (right - left) + 4, y1 + (bottom - top) + 4], fill=color)
         pen.text((x1 + 2, y1 + 1), text, fill=(0, 0, 0))
+    if caption:
+        im = _with_caption(im, caption)
     out = Path(path).with_suffix(".jpg")
     out.parent.mkdir(parents=True, exist_ok=True)
     im.save(out, quality=90)
+    return out
+
+
+def _with_caption(im: Any, text: str) -> Any:
+    """The image above a white band holding `text`, wrapped to the image's width."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    pen = ImageDraw.Draw(im)
+    char_w = max(pen.textbbox((0, 0), "x")[2], 1)
+    line_h = pen.textbbox((0, 0), "Xg")[3] + 4
+    lines = textwrap.wrap(text, max(im.size[0] // char_w - 1, 8)) or [""]
+    out = Image.new("RGB", (im.size[0], im.size[1] + line_h * len(lines) + 6), (255, 255, 255))
+    out.paste(im, (0, 0))
+    pen = ImageDraw.Draw(out)
+    for i, line in enumerate(lines):
+        pen.text((3, im.size[1] + 3 + i * line_h), line, fill=(0, 0, 0))
     return out

@@ -31,7 +31,8 @@ def output_path(out: str | Path) -> Path:
 def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None = None,
         images: Path | None = None, boxes: Path | None = None, corpus: Path | None = None,
         split: str = "test", limit: int | None = None, allow_incomplete: bool = False,
-        beam: int | None = None, constrain_tags: bool = False) -> Path:
+        beam: int | None = None, constrain_tags: bool = False, draw: Path | None = None
+        ) -> Path:
     """Caption images given as a feature store (optionally with a corpus for references) or
     as an image folder, greedy or beam decoding (`beam`, else the recipe's), optionally
     constrained to hold the images' tags; one JSON line per image.
@@ -41,6 +42,10 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
     """
     if (features is None) == (images is None):
         raise VlpError("pass either --features DIR or --images DIR")
+    if draw is not None and images is None:
+        raise VlpError("--draw needs the pixels: caption --images DIR (a feature store keeps "
+                       "none)")
+    drawer = None
     out = check_writable(output_path(out), file=True)
     quiet_transformers()
     from vlp_cli import tasks as registry
@@ -73,10 +78,12 @@ def run(checkpoint: Path, out: str | Path, recipe: Recipe, features: Path | None
     else:
         from vlp_cli.infer import regions_from_images
 
-        keys, inputs, builder = regions_from_images(Path(images), boxes, meta, tok,
-                                                    recipe.data, limit)
+        keys, inputs, builder, drawer = regions_from_images(Path(images), boxes, meta, tok,
+                                                            recipe.data, limit, draw=draw)
     captions = task.caption(model, builder, inputs, tok, device(), beam=beam,
                             constrain_tags=constrain_tags)
+    if drawer is not None:
+        drawer.write(dict(zip(keys, captions)))
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for k, cap in zip(keys, captions):

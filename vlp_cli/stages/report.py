@@ -81,7 +81,7 @@ def show(run_dir: Path) -> None:
     if evals:
         out.print(table)
     if captions:
-        ct = Table(title="generated captions (greedy) vs references")
+        ct = Table(title="generated captions vs references")
         ct.add_column("image")
         ct.add_column("generated")
         ct.add_column("reference")

@@ -199,7 +199,7 @@ class Captioning(Task):
     help = "image captioning: BLEU-4, METEOR, ROUGE-L, CIDEr (greedy, beam or sampled decoding)"
     kinds = (KIND,)
     metrics = ("bleu4", "rouge_l", "cider", "images")
-    report = ("bleu4", "meteor", "rouge_l", "cider", "images")
+    report = ("bleu4", "meteor", "rouge_l", "cider", "images", "decoding")
     headline = "cider"
     uses_pooler = False
     _sampler: Any = None  # the sampling generator, seeded once per bound task
@@ -334,7 +334,20 @@ class Captioning(Task):
                  for k, row in zip(keys, rows.tolist())}
         metrics = caption_metrics(preds, {k: refs[k] for k in keys}).as_dict()
         metrics["images"] = len(keys)
+        metrics["decoding"] = self.decoding()
         return metrics, [{"image": k, "caption": preds[k], "references": refs[k]} for k in keys]
+
+    def decoding(self) -> str:
+        """How captions are decoded under this recipe, in words (for metrics.json)."""
+        cfg = self.recipe.captioning
+        if cfg.sample:
+            return f"sampled (top_k {cfg.top_k}, top_p {cfg.top_p}, T {cfg.temperature})"
+        if cfg.constrain_tags:
+            return (f"constrained beam {cfg.beam_size} (>= {cfg.min_constraints} of "
+                    f"{cfg.max_constraints} tags), length penalty {cfg.length_penalty}")
+        if cfg.beam_size > 1:
+            return f"beam {cfg.beam_size}, length penalty {cfg.length_penalty}"
+        return "greedy"
 
     def result_files(self, predictions: list[dict]) -> dict[str, Any]:
         """COCO's results format: [{"image_id", "caption"}], image ids by the COCO reader's
