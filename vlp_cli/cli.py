@@ -65,6 +65,10 @@ Features = Annotated[Path, typer.Option("--features", "-f", help="Feature store 
 Corpus = Annotated[Path, typer.Option("--corpus", "-c", help="Corpus store directory (from "
                    "`vlp build-corpus`).")]
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-k", help="Checkpoint directory.")]
+ImageBoxes = Annotated[Optional[Path], typer.Option("--boxes", help="Given boxes for the images, "
+                      "when the checkpoint was trained on given boxes (else the embedded "
+                      "detector).")]
+JsonlOut = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSONL here.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its "
                    "newest saved training state (an error when there is none).")]
 AutoResume = Annotated[bool, typer.Option("--auto-resume", help="Continue the run in --out "
@@ -486,14 +490,11 @@ def answer(
     images: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
     question: Annotated[str, typer.Argument(help="The question.")],
     checkpoint: Checkpoint,
-    boxes: Annotated[Optional[Path], typer.Option(help="Given boxes for the images, when the "
-                     "checkpoint was trained on given boxes (else the embedded detector).")
-                     ] = None,
+    boxes: ImageBoxes = None,
     top: Annotated[int, typer.Option(help="Answers per image.", min=1)] = 5,
     draw: Annotated[Optional[Path], typer.Option(help="Write each image with its boxes, tags "
                     "and best answer drawn into this folder.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSONL here.")
-                   ] = None,
+    out: JsonlOut = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """VQA checkpoint + image(s) + a question -> the top answers with their scores.
@@ -522,13 +523,10 @@ def score(
     images: Annotated[Path, typer.Argument(help="An image file or a folder of images.")],
     texts: Annotated[list[str], typer.Argument(help="One or more texts to match.")],
     checkpoint: Checkpoint,
-    boxes: Annotated[Optional[Path], typer.Option(help="Given boxes for the images, when the "
-                     "checkpoint was trained on given boxes (else the embedded detector).")
-                     ] = None,
+    boxes: ImageBoxes = None,
     draw: Annotated[Optional[Path], typer.Option(help="Write each image with its boxes, tags "
                     "and best-matching text drawn into this folder.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write JSONL here.")
-                   ] = None,
+    out: JsonlOut = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     """Retrieval checkpoint + image(s) + texts -> match scores, texts ranked per image.
