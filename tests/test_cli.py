@@ -126,7 +126,8 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     assert len((d / "sampled.jsonl").read_text().splitlines()) == 2
     vlp("caption", "-k", d / "captioning", "-f", f, "--limit", "2", "--beam", "2",
         "--constrain-tags", "-o", d / "constrained.jsonl")
-    tag_words = {"circle", "rectangle", "triangle"}  # each image has one, its shape
+    # Each image has one tag, its shape; a caption may use it in the singular or the plural.
+    tag_words = {"circle", "rectangle", "triangle", "circles", "rectangles", "triangles"}
     for x in (json.loads(y) for y in (d / "constrained.jsonl").read_text().splitlines()):
         assert tag_words & set(x["caption"].split()), x
     # Raw images: features are extracted the way the checkpoint's were (given boxes here).
@@ -195,8 +196,14 @@ def test_whole_chain(images: dict[str, Path], tmp_path: Path) -> None:
     res = runner.invoke(app, ["score", str(one), "a circle", "-k", str(d / "vqa")])
     assert res.exit_code == 1 and "finetune retrieval" in res.output
     # Without the given boxes the checkpoint was trained on: the embedded detector, a warning.
-    caps = Predictor(d / "captioning").caption(test_images)
+    pred = Predictor(d / "captioning")
+    caps = pred.caption(test_images)
     assert sorted(caps) == [f"{i}.png" for i in range(4)]
+    # One call's --beam is that call's: the next call decodes as the recipe says again.
+    beam_size = pred.task.recipe.captioning.beam_size
+    pred.caption(test_images, beam=beam_size + 2, limit=1)
+    assert pred.task.recipe.captioning.beam_size == beam_size
+    assert pred.caption(test_images) == caps
 
 
 def test_user_errors_are_one_line(tmp_path: Path) -> None:

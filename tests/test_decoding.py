@@ -310,3 +310,67 @@ def test_constrained_captions_hold_two_tags_through_the_cached_decoder() -> None
                                   [pieces] * len(images), beam=3, banned=banned)
     for row in out:
         assert sum(_contains(row[0][0], p) for p in pieces) >= 2, (row, pieces)
+
+
+def test_a_constraint_with_word_forms_is_satisfied_by_any_of_them() -> None:
+    """A constraint given as forms (a tag's singular and plural): the search may write
+    whichever the model prefers. Here the plural [7, 8] is far likelier than the singular [9],
+    so captions hold [7, 8], and each caption still satisfies two constraints."""
+    from vlp_cli.decoding import constrained_beam_search
+
+    table = _random_table(4, v=10)
+    table[:, 5:] -= 8.0
+    table[:, 7] += 4.0  # the plural's first piece: unlikely, far less than the others
+    table[7, 8] += 12.0  # and once it is written its second piece follows
+    chain = Chain(table)
+    forms = [[[9], [7, 8]], [[5]], [[6]]]
+    out = constrained_beam_search(chain.step, chain.reorder, chain.start(2), 2, 8, END,
+                                  [forms, forms], min_satisfied=2, beam=3, n_best=2)
+    for row in out:
+        for seq, _ in row:
+            held = sum(any(_contains(seq, f) for f in c) for c in forms)
+            assert held >= 2, seq
+        assert any(_contains(seq, [7, 8]) for seq, _ in row)
+    # Forms that share their first piece ("dog" / "dogs" as [5] / [5, 6]): one satisfies.
+    one = constrained_beam_search(chain.step, chain.reorder, chain.start(1), 1, 8, END,
+                                  [[[[5], [5, 6]]]], beam=2)[0]
+    assert 5 in one[0][0]
+
+
+def test_tags_become_caption_words_with_their_plurals() -> None:
+    from vlp_cli.data.examples import plural, tag_words
+
+    assert [tag_words(x) for x in ("pottedplant", "tvmonitor", "dog", "traffic light")] == \
+        ["potted plant", "tv", "dog", "traffic light"]
+    assert [plural(x) for x in ("dog", "bench", "bus", "person", "sheep", "skis", "cherry",
+                                "toy", "traffic light", "potted plant", "knife", "box")] == \
+        ["dogs", "benches", "buses", "people", "sheep", "skis", "cherries", "toys",
+         "traffic lights", "potted plants", "knives", "boxes"]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_one_pass_log_probs_equal_step_by_step_sampling(attn: str) -> None:
+    """SCST scores its samples in one teacher-forced pass (`sequence_log_probs`); in eval mode
+    that equals the log-probabilities drawn step by step through the cached decoder, for
+    rows that end and rows cut at the budget, with temperature and top-k."""
+    from dataclasses import replace
+
+    from vlp_cli.decoding import sample_with_log_probs
+    from vlp_cli.tasks.captioning import CachedCaptionDecoder, sequence_log_probs
+
+    model, ds, images = _captioning(attn)
+    cfg = replace(ds.cfg, temperature=0.8, top_k=40)
+    banned = torch.tensor([0, 1, 3, 4])
+    with torch.no_grad():
+        dec = CachedCaptionDecoder(model, ds, images, torch.device("cpu"))
+        rows = torch.arange(5).repeat_interleave(3)
+        state = dec.reorder(dec.start(), rows)
+        ids, want = sample_with_log_probs(dec.step, state, 15, 6, 2, top_k=40,
+                                          temperature=0.8, banned=banned,
+                                          generator=torch.Generator().manual_seed(1))
+    assert {len(x) for x in ids} >= {6} and min(len(x) for x in ids) < 6, ids
+    dec = CachedCaptionDecoder(model, ds, images, torch.device("cpu"))
+    dec.reorder(dec.start(), rows)
+    got = sequence_log_probs(dec, ids, 2, cfg, banned)
+    assert got.requires_grad
+    assert torch.allclose(got.detach(), want, atol=1e-5), (got - want).abs().max()

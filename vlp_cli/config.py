@@ -394,6 +394,16 @@ class CaptioningCfg:
     constrain_tags: bool = False
     min_constraints: int = num(2, ge=1)
     max_constraints: int = num(3, ge=1)
+    # Self-critical sequence training (Oscar's --scst), a second run from a captioning
+    # checkpoint: per image `scst_samples` captions are sampled (with the sampling settings
+    # above) in training mode; each one's mean token log-probability is weighted by its
+    # CIDEr-D minus the baseline's, CIDEr-D with the document frequencies of the training
+    # captions. Baseline "greedy": the greedy caption's CIDEr-D (Oscar's default); "mean": the
+    # mean of the image's other samples (Oscar's other choice, no extra decode). The batch
+    # size of `train` counts images.
+    scst: bool = False
+    scst_samples: int = num(5, ge=1)
+    scst_baseline: Literal["greedy", "mean"] = "greedy"
 
     def problems(self, k: Key) -> Iterator[str]:
         if self.constrain_tags and self.sample:
@@ -402,6 +412,9 @@ class CaptioningCfg:
         if self.min_constraints > self.max_constraints:
             yield (f"'{k('min_constraints')}' ({self.min_constraints}) is more than "
                    f"'{k('max_constraints')}' ({self.max_constraints}): lower it")
+        if self.scst and self.scst_baseline == "mean" and self.scst_samples < 2:
+            yield (f"'{k('scst_baseline')}' mean needs other samples: set "
+                   f"'{k('scst_samples')}' to 2 or more")
         if self.sample and self.beam_size > 1:
             yield (f"'{k('sample')}' and '{k('beam_size')}' ({self.beam_size}) are two ways to "
                    f"decode: pass --set {k('beam_size')}=1 to sample, or drop the sampling")

@@ -103,6 +103,50 @@ def sample(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
     return _one_token_at_a_time(step, state, rows, max_len, end_id, choose)
 
 
+def sample_with_log_probs(step: StepFn, state: Any, rows: int, max_len: int, end_id: int,
+                          top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0,
+                          banned: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None,
+                          ) -> tuple[list[list[int]], torch.Tensor]:
+    """Sampled sequences, as `sample`, and each one's mean log-probability [rows] with its
+    gradient (SCST): the log-probability of each drawn token under the distribution it was
+    drawn from (logits / temperature, filtered), summed over the tokens and the end token
+    and divided by their number, as Oscar's sampling returns it. A row that reaches `max_len`
+    without ending counts its `max_len` tokens."""
+    if temperature <= 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sampling needs temperature > 0, top_k >= 0, 0 < top_p <= 1 (got "
+                         f"{temperature}, {top_k}, {top_p})")
+    words: list[list[int]] = [[] for _ in range(rows)]
+    live = torch.ones(rows, dtype=torch.bool)
+    total: torch.Tensor | None = None
+    count = torch.zeros(rows)
+    tokens: torch.Tensor | None = None
+    for _ in range(max_len):
+        logits, state = step(state, tokens)
+        logits = logits.float() / temperature
+        if banned is not None and len(banned):
+            logits = logits.index_fill(1, banned.to(logits.device), float("-inf"))
+        logp = torch.log_softmax(filter_logits(logits, top_k, top_p), dim=-1)
+        with torch.no_grad():
+            pred = torch.multinomial(logp.detach().exp().cpu(), 1, generator=generator)[:, 0]
+        chosen = logp.gather(1, pred.to(logp.device)[:, None])[:, 0]
+        counted = live.clone().to(chosen.device)
+        chosen = torch.where(counted, chosen, torch.zeros_like(chosen))
+        total = chosen if total is None else total + chosen
+        count += live.float()
+        for i, p in enumerate(pred.tolist()):
+            if live[i]:
+                if p == end_id:
+                    live[i] = False
+                else:
+                    words[i].append(int(p))
+        if not bool(live.any()):
+            break
+        tokens = torch.where(live, pred, torch.full_like(pred, end_id))
+    assert total is not None
+    return words, total / count.to(total.device)
+
+
 def _log_probs(logits: torch.Tensor, banned: torch.Tensor | None) -> torch.Tensor:
     """fp32 log-probabilities on the CPU, banned tokens at -inf."""
     logp = torch.log_softmax(logits.float().cpu(), dim=-1)
@@ -213,30 +257,37 @@ def beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: int, max_len
 
 @torch.no_grad()
 def constrained_beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: int,
-                            max_len: int, end_id: int, constraints: list[list[list[int]]],
+                            max_len: int, end_id: int, constraints: list[list[Any]],
                             min_satisfied: int = 2, beam: int = 5, length_penalty: float = 1.0,
                             n_best: int = 1, banned: torch.Tensor | None = None,
                             ) -> list[list[tuple[list[int], float]]]:
-    """Beam search that puts at least `min_satisfied` of each row's constraints (token
-    sequences, e.g. a detected tag's word pieces) into its output, as NoCaps' constrained beam
-    search (Anderson et al. 2017), which Oscar ran with its detected tags and 2 to satisfy.
+    """Beam search that puts at least `min_satisfied` of each row's constraints into its
+    output, as NoCaps' constrained beam search (Anderson et al. 2017), which Oscar ran with its
+    detected tags and 2 to satisfy. A constraint is a token sequence (a tag's word pieces) or a
+    list of them, its word forms: any one satisfies it (NoCaps accepts a class's singular and
+    plural, "dog" or "dogs").
 
     A finite-state machine over search states: which constraints are already in the prefix,
-    and which one (if any) is half written and how far. Every state keeps its own `beam` best
-    prefixes, so a constraint's unlikely first piece still survives in the state it leads to.
-    A row's answer is its best finished hypothesis among the states that hold
-    min(`min_satisfied`, its number of constraints) or more; if none reached that many within
-    `max_len`, the states that hold the most. Scoring and `end_id` as in `beam_search` (no
-    early stop: every row runs `max_len` steps unless its beams all end). Returns the `n_best`
-    hypotheses of each row, best first, as (tokens, score).
+    and which form of which one (if any) is half written and how far. Every state keeps its
+    own `beam` best prefixes, so a constraint's unlikely first piece still survives in the
+    state it leads to. A row's answer is its best finished hypothesis among the states that
+    hold min(`min_satisfied`, its number of constraints) or more; if none reached that many
+    within `max_len`, the states that hold the most. Scoring and `end_id` as in `beam_search`
+    (no early stop: every row runs `max_len` steps unless its beams all end). Returns the
+    `n_best` hypotheses of each row, best first, as (tokens, score).
     """
     if beam < 1 or not 1 <= n_best <= beam:
         raise ValueError(f"constrained beam search needs beam >= 1 and 1 <= n_best <= beam "
                          f"(got {beam}, {n_best})")
-    cons = [[tuple(c) for c in dict.fromkeys(tuple(c) for c in row if len(c))]
-            for row in constraints]
-    # A hypothesis: (row, done mask, (constraint, pieces written) or None, score, tokens).
-    Hyp = tuple[int, int, tuple[int, int] | None, float, list[int]]
+
+    def forms(c: Any) -> tuple[tuple[int, ...], ...]:
+        alts = c if len(c) and isinstance(c[0], (list, tuple)) else [c]
+        return tuple(dict.fromkeys(tuple(a) for a in alts if len(a)))
+
+    cons = [[f for f in dict.fromkeys(forms(c) for c in row) if f] for row in constraints]
+    # A hypothesis: (row, done mask, (constraint, form, pieces written) or None, score, tokens).
+    Prog = tuple[int, int, int] | None
+    Hyp = tuple[int, int, Prog, float, list[int]]
     live: list[Hyp] = [(r, 0, None, 0.0, []) for r in range(rows)]
     finished: dict[tuple[int, int], list[tuple[float, list[int]]]] = {}
     tokens: torch.Tensor | None = None
@@ -244,19 +295,32 @@ def constrained_beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: 
     def add(r: int, mask: int, seq: list[int], total: float) -> None:
         _keep(finished.setdefault((r, mask), []), seq, total, length_penalty, beam)
 
-    def moves(h: Hyp) -> dict[int, list[tuple[int, tuple[int, int] | None]]]:
+    def moves(h: Hyp) -> dict[int, list[tuple[int, Prog]]]:
         """Tokens that change a hypothesis's constraint state -> its new states."""
         r, mask, prog = h[0], h[1], h[2]
-        out: dict[int, list[tuple[int, tuple[int, int] | None]]] = {}
-        if prog is not None:  # the next piece of the half-written constraint
-            i, p = prog
-            c = cons[r][i]
-            nxt = (mask | 1 << i, None) if p + 1 == len(c) else (mask, (i, p + 1))
+        out: dict[int, list[tuple[int, Prog]]] = {}
+        nxt_piece = None
+        if prog is not None:  # the next piece of the half-written form
+            i, a, p = prog
+            c = cons[r][i][a]
+            nxt_piece = c[p]
+            nxt = (mask | 1 << i, None) if p + 1 == len(c) else (mask, (i, a, p + 1))
             out.setdefault(c[p], []).append(nxt)
-        for i, c in enumerate(cons[r]):  # the first piece of one not yet written
-            if not mask >> i & 1 and (prog is None or prog[0] != i or c[0] != c[prog[1]]):
-                out.setdefault(c[0], []).append(
-                    (mask | 1 << i, None) if len(c) == 1 else (mask, (i, 1)))
+        for i, alts in enumerate(cons[r]):  # the first piece of a form of one not yet written
+            if mask >> i & 1:
+                continue
+            for a, c in enumerate(alts):
+                if prog is not None and prog[0] == i and c[0] == nxt_piece:
+                    continue  # the half-written form goes on with this piece already
+                target = (mask | 1 << i, None) if len(c) == 1 else (mask, (i, a, 1))
+                if target not in out.setdefault(c[0], []):
+                    out[c[0]].append(target)
+        # Forms that share their first pieces ("dog" / "dogs"): once one is complete, the
+        # constraint is satisfied and the others' half-written states add nothing.
+        for tok, targets in out.items():
+            done = {m for m, pr in targets if pr is None}
+            out[tok] = [(m, pr) for m, pr in targets if pr is None or
+                        (m | 1 << pr[0]) not in done]
         return out
 
     for t in range(max_len):
@@ -267,7 +331,7 @@ def constrained_beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: 
         special = [moves(h) for h in live]
         stay = cand.clone()
         # pools: (row, mask, prog) -> [(score, source, token)]
-        pools: dict[tuple[int, int, tuple[int, int] | None], list[tuple[float, int, int]]] = {}
+        pools: dict[tuple[int, int, Prog], list[tuple[float, int, int]]] = {}
         for n, sp in enumerate(special):
             for tok, targets in sp.items():
                 for mask, prog in targets:

@@ -34,6 +34,7 @@ from vlp_cli import VlpError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CiderD",
     "CaptionMetrics",
     "caption_metrics",
     "java_available",
@@ -542,3 +543,82 @@ def _run_spice(gts: dict[str, list[str]], res: dict[str, list[str]]) -> float:
     with contextlib.redirect_stdout(io.StringIO()):
         score, _ = Spice().compute_score(gts, res)
     return float(score)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIDEr-D with fixed document frequencies (the SCST reward)
+# ---------------------------------------------------------------------------------------------
+
+
+def _ngram_counts(tokens: list[str], n: int) -> dict[tuple[str, ...], int]:
+    counts: dict[tuple[str, ...], int] = {}
+    for k in range(1, n + 1):
+        for i in range(len(tokens) - k + 1):
+            g = tuple(tokens[i: i + k])
+            counts[g] = counts.get(g, 0) + 1
+    return counts
+
+
+class CiderD:
+    """CIDEr-D whose document frequencies come from a fixed set of documents (each document:
+    one image's reference captions), as SCST uses it: Oscar's reward reads the frequencies of
+    the COCO training captions (`coco-train-words.p`), not of the batch being scored.
+
+    The arithmetic is coco-caption's (`pycocoevalcap.cider`): tf-idf vectors of 1..4-grams
+    with idf = log(documents) - log(max(1, df)), the candidate's weights clipped by the
+    reference's, a Gaussian length penalty (sigma 6) where the length is the number of bigrams
+    (the scorer's own quirk, kept), averaged over n and references, x10. Given the references
+    being scored as its documents it equals pycocoevalcap's `Cider` (a test checks this).
+    Sentences are scored as given: split on spaces, nothing else.
+    """
+
+    def __init__(self, documents: Sequence[Sequence[str]], n: int = 4, sigma: float = 6.0):
+        if not documents:
+            raise ValueError("CiderD needs at least one document (an image's references)")
+        self.n, self.sigma = n, sigma
+        self.df: dict[tuple[str, ...], float] = {}
+        for refs in documents:
+            for g in {g for ref in refs for g in _ngram_counts(ref.split(), n)}:
+                self.df[g] = self.df.get(g, 0.0) + 1.0
+        self.ref_len = float(np.log(float(len(documents))))
+        self._vectors: dict[str, tuple[list[dict], np.ndarray, int]] = {}
+
+    def _vector(self, sentence: str) -> tuple[list[dict], np.ndarray, int]:
+        """(tf-idf weights per n, their norms, length in bigrams), cached per sentence."""
+        got = self._vectors.get(sentence)
+        if got is None:
+            vec: list[dict] = [{} for _ in range(self.n)]
+            norm = np.zeros(self.n)
+            length = 0
+            for g, tf in _ngram_counts(sentence.split(), self.n).items():
+                k = len(g) - 1
+                w = float(tf) * (self.ref_len - float(np.log(max(1.0, self.df.get(g, 0.0)))))
+                vec[k][g] = w
+                norm[k] += w * w
+                if k == 1:
+                    length += tf
+            got = (vec, np.sqrt(norm), length)
+            if len(self._vectors) < 200_000:
+                self._vectors[sentence] = got
+        return got
+
+    def score(self, candidate: str, references: Sequence[str]) -> float:
+        """CIDEr-D of one candidate against its references (raw scale: 1.0 is 100 printed)."""
+        vec, norm, length = self._vector(candidate)
+        total = np.zeros(self.n)
+        for ref in references:
+            rvec, rnorm, rlength = self._vector(ref)
+            val = np.zeros(self.n)
+            for k in range(self.n):
+                for g, w in vec[k].items():
+                    r = rvec[k].get(g, 0.0)
+                    val[k] += min(w, r) * r
+                if norm[k] != 0 and rnorm[k] != 0:
+                    val[k] /= norm[k] * rnorm[k]
+            total += val * np.exp(-((length - rlength) ** 2) / (2 * self.sigma ** 2))
+        return float(total.mean() / len(references) * 10.0)
+
+    def scores(self, candidates: Sequence[str], references: Sequence[Sequence[str]]
+               ) -> np.ndarray:
+        """CIDEr-D of each candidate against its own references."""
+        return np.array([self.score(c, r) for c, r in zip(candidates, references, strict=True)])

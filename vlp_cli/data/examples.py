@@ -56,6 +56,45 @@ def truncate_pair(a: list[int], b: list[int], budget: int) -> tuple[list[int], l
     return a, b
 
 
+# Detector labels that are not the words a caption uses: Darknet's and PASCAL VOC's run-together
+# names, as COCO spells them today. Any other label is used as it is.
+TAG_WORDS = {"pottedplant": "potted plant", "diningtable": "dining table", "tvmonitor": "tv",
+             "aeroplane": "airplane", "motorbike": "motorcycle", "sofa": "couch"}
+# Plurals that adding -s / -es / -ies gets wrong; nouns the same in both numbers map to
+# themselves.
+_IRREGULAR_PLURALS = {
+    "person": "people", "man": "men", "woman": "women", "child": "children", "foot": "feet",
+    "tooth": "teeth", "goose": "geese", "mouse": "mice", "knife": "knives", "leaf": "leaves",
+    "wolf": "wolves", "shelf": "shelves", "loaf": "loaves", "scarf": "scarves", "ox": "oxen",
+    "sheep": "sheep", "fish": "fish", "deer": "deer", "skis": "skis", "scissors": "scissors",
+    "glasses": "glasses", "jeans": "jeans", "pants": "pants", "shorts": "shorts",
+    "bus": "buses", "tomato": "tomatoes", "potato": "potatoes", "hair drier": "hair driers",
+}
+
+
+def tag_words(label: str) -> str:
+    """A detector label as caption words ("pottedplant" -> "potted plant")."""
+    return TAG_WORDS.get(label.strip().lower(), label.strip())
+
+
+def plural(words: str) -> str:
+    """English plural of a tag's words, its last word inflected ("traffic light" -> "traffic
+    lights", "bench" -> "benches", "person" -> "people")."""
+    low = words.lower()
+    if low in _IRREGULAR_PLURALS:
+        return _IRREGULAR_PLURALS[low]
+    head, _, last = words.rpartition(" ")
+    if last.lower() in _IRREGULAR_PLURALS:
+        out = _IRREGULAR_PLURALS[last.lower()]
+    elif last.endswith(("s", "x", "z", "ch", "sh")):
+        out = last + "es"
+    elif len(last) > 1 and last.endswith("y") and last[-2] not in "aeiou":
+        out = last[:-1] + "ies"
+    else:
+        out = last + "s"
+    return f"{head} {out}" if head else out
+
+
 class ExampleBuilder:
     """Reads regions and builds Oscar-style sequences; shared by every task's dataset."""
 
@@ -70,8 +109,14 @@ class ExampleBuilder:
         self.vocab_size = int(len(tokenizer))
         self.special_ids = set(int(i) for i in tokenizer.all_special_ids)
         # Multi-word labels ("traffic light") stay one tag; their word pieces are cached once.
-        self.tag_pieces = [tokenizer(label, add_special_tokens=False).input_ids
-                           for label in (labels if labels is not None else features.labels)]
+        # A label is read as caption words (`tag_words`: Darknet's "pottedplant" is "potted
+        # plant"); `tag_forms` adds the plural, the forms a caption may use (constrained
+        # decoding accepts either).
+        words = [tag_words(label) for label in
+                 (labels if labels is not None else features.labels)]
+        self.tag_pieces = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
+        self.tag_forms = [[p, tokenizer(plural(w), add_special_tokens=False).input_ids]
+                          if plural(w) != w else [p] for w, p in zip(words, self.tag_pieces)]
         self.pos_dim = 7 if cfg.pos_kind == "uniter7" else 6
 
     def regions(self, key: str, probs: bool = False) -> ImageInput:

@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlp_cli.config import CaptioningCfg
-from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset, mask_tokens
-from vlp_cli.stores.corpus import Corpus
-from vlp_cli.tasks.base import (Context, Stats, Task, encode, masked_tokens, pad_labels,
-                                sharded_map, split_indices)
+from vlp_cli.data.examples import ExampleBuilder, ImageInput
+from vlp_cli.tasks.caption_decoding import (CachedCaptionDecoder, CaptionDataset, CaptionDecoder,
+                                            caption_attention, seq2seq, sequence_log_probs)
+from vlp_cli.tasks.scst import ScstDataset, ScstReward, images_and_refs
+from vlp_cli.tasks.base import (Context, Stats, Task, encode, longs, masked_tokens,
+                                mean_stat, pad_labels, sharded_map, split_indices)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -23,175 +25,11 @@ if TYPE_CHECKING:
 
     from vlp_cli.model import HeadSpec, VLPModel
 
+__all__ = ["CachedCaptionDecoder", "CaptionDataset", "CaptionDecoder", "Captioning",
+           "ScstReward", "caption_attention", "sequence_log_probs", "TASK"]
+
 KIND = "caption"
 RESULTS_FILE = "captions_results.json"  # evaluate's COCO results file
-
-
-class CaptionDataset(TaskDataset):
-    """Caption tokens masked and predicted under a left-to-right mask.
-
-    Layout (as the Oscar code): the caption segment `[CLS] caption [SEP]` is padded to a fixed
-    length A = max_caption_len + 2 so that tags and regions sit at the same positions in
-    training and in decoding. Caption tokens see earlier caption tokens and all tags and
-    regions; tags and regions never see the caption. The closing [SEP] is maskable: predicting
-    it is how decoding learns to stop.
-    """
-
-    def __init__(self, corpus: Corpus | None, builder: ExampleBuilder, indices: np.ndarray,
-                 cfg: CaptioningCfg, max_text_len: int, seed: int):
-        super().__init__(corpus, builder, indices, seed)  # type: ignore[arg-type]
-        self.cfg = cfg
-        self.max_text_len = max_text_len
-
-    def build(self, caption: list[int], img: ImageInput) -> tuple[dict, int]:
-        b = self.builder
-        a_len = self.cfg.max_caption_len + 2
-        cap = list(caption[: self.cfg.max_caption_len])
-        seg = [b.cls_id, *cap, b.sep_id]
-        valid = [1] * len(seg) + [0] * (a_len - len(seg))
-        tags = b.tag_ids(img.tag_classes)[: max(self.max_text_len - a_len - 1, 0)]
-        ids = seg + [b.pad_id] * (a_len - len(seg)) + tags + ([b.sep_id] if tags else [])
-        types = [0] * a_len + [1] * (len(ids) - a_len)
-        valid += [1] * (len(ids) - a_len)
-        item = {"ids": ids, "types": types, "feats": img.feats, "pos": img.pos,
-                "text_valid": valid, "causal": a_len}
-        return item, len(cap)
-
-    def sizes(self) -> tuple[np.ndarray, np.ndarray]:
-        # The caption segment has a fixed length; tags fill what is left of max_text_len.
-        images = [self.corpus.get(int(i))["images"][0] for i in self.indices]
-        regions, tags = self.builder.image_sizes(images)
-        a_len = self.cfg.max_caption_len + 2
-        tags = np.minimum(tags, max(self.max_text_len - a_len - 1, 0))
-        return a_len + tags + (tags > 0), regions
-
-    def __getitem__(self, i: int) -> dict:
-        rng = self.rng(i)
-        ex = self.corpus.get(int(self.indices[i]))
-        item, n = self.build(ex["segments"][0], self.builder.regions(ex["images"][0]))
-        cands = list(range(1, n + 2))  # caption words and the closing [SEP]
-        ids, labels = mask_tokens(item["ids"], cands, self.cfg.mask_prob, self.builder, rng,
-                                  max_masked=self.cfg.max_masked)
-        item.update(ids=ids, mlm_labels=labels)
-        return item
-
-
-def caption_attention(a_len: int, t: int, r: int, b: int) -> torch.Tensor:
-    """Oscar's seq2seq mask [B, L, L] (query, key); key padding is applied by the model."""
-    import torch
-
-    n = t + r
-    allowed = torch.ones((n, n), dtype=torch.bool)
-    allowed[:a_len, :a_len] = torch.tril(torch.ones((a_len, a_len), dtype=torch.bool))
-    allowed[a_len:, :a_len] = False
-    return allowed.expand(b, n, n)
-
-
-def _seq2seq(items: list[dict], batch: dict) -> None:
-    t, r = batch["input_ids"].shape[1], batch["img_feats"].shape[1]
-    batch["attn_mask"] = caption_attention(items[0]["causal"], t, r, len(items))
-
-
-class CaptionDecoder:
-    """Oscar's decoding as a next-token function: the state is each row's prefix and the step
-    count; a step lays out `[CLS] prefix [MASK]` exactly as training does and reads the
-    logits at the [MASK]. (No key-value cache: every step runs the whole sequence, as Oscar.)"""
-
-    def __init__(self, model: VLPModel, ds: CaptionDataset, images: list[ImageInput],
-                 device: torch.device):
-        from vlp_cli.data.datasets import Collator
-
-        self.model, self.ds, self.device = model, ds, device
-        self.collate = Collator(ds.builder.pad_id, _seq2seq)
-        self.images = images
-
-    def start(self) -> dict:
-        return {"words": [[] for _ in self.images], "rows": list(range(len(self.images))),
-                "t": 0}
-
-    def step(self, state: dict, tokens: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        import torch
-
-        b = self.ds.builder
-        if tokens is not None:
-            for w, tok in zip(state["words"], tokens.tolist()):
-                if tok != b.sep_id:
-                    w.append(int(tok))
-        items = [self.ds.build(w + [b.mask_id], self.images[r])[0]
-                 for w, r in zip(state["words"], state["rows"])]
-        batch = {k: v.to(self.device) for k, v in self.collate(items).items()}
-        hidden = encode(self.model, batch)
-        where = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=self.device)
-        where[:, 1 + state["t"]] = True  # the [MASK] after t words
-        logits = self.model.mlm_logits(hidden[:, : where.shape[1]], where, "mlm")  # [B, V]
-        return logits, {**state, "t": state["t"] + 1}
-
-    def reorder(self, state: dict, rows: torch.Tensor) -> dict:
-        keep = rows.tolist()
-        return {"words": [list(state["words"][i]) for i in keep],
-                "rows": [state["rows"][i] for i in keep], "t": state["t"]}
-
-
-class CachedCaptionDecoder:
-    """The same decoding as `CaptionDecoder`, with keys and values reused: under Oscar's mask
-    the tags and regions attend only to each other, so they are encoded once per image; each
-    step encodes two positions, the word chosen last (the [CLS] at the first step) and a
-    [MASK] after it, which attend to the tags, regions and cached caption prefix (causally
-    among themselves); the [MASK]'s keys and values are dropped after the step. Every position
-    keeps its place in the training layout (position ids, token types), so the logits equal
-    re-encoding the whole sequence each step (`CaptionDecoder`) up to float rounding."""
-
-    def __init__(self, model: VLPModel, ds: CaptionDataset, images: list[ImageInput],
-                 device: torch.device):
-        import torch
-
-        from vlp_cli.data.datasets import Collator
-        from vlp_cli.model import KVCache
-
-        self.model, self.ds, self.device = model, ds, device
-        b = ds.builder
-        self.a_len = a = ds.cfg.max_caption_len + 2
-        # The training layout with an empty caption; everything from position a_len on is
-        # the context: tags, their [SEP], regions.
-        batch = Collator(b.pad_id, _seq2seq)([ds.build([], img)[0] for img in images])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        ids = batch["input_ids"][:, a:]
-        n, tags = ids.shape
-        ctx = torch.cat([batch["text_mask"][:, a:], batch["img_mask"]], dim=1).bool()
-        self.cache = KVCache()
-        positions = torch.arange(a, a + tags, device=device).expand(n, tags)
-        model.extend(self.cache, ctx[:, None, :].expand(n, ctx.shape[1], ctx.shape[1]), ids,
-                     batch["token_type_ids"][:, a:], positions, batch["img_feats"],
-                     batch["img_pos"])
-        self.ctx = ctx  # [B, C] the context keys that are real (not padding)
-
-    def start(self) -> dict:
-        return {"t": 0}
-
-    def step(self, state: dict, tokens: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        import torch
-
-        b, t = self.ds.builder, state["t"]
-        n, c = self.ctx.shape
-        dev = self.device
-        prev = torch.full((n,), b.cls_id, dtype=torch.long) if tokens is None else tokens
-        ids = torch.stack([prev.to(dev), torch.full((n,), b.mask_id, device=dev)], dim=1)
-        positions = torch.tensor([t, t + 1], device=dev).expand(n, 2)
-        # Keys: the context, the cached caption prefix ([CLS] and t - 1 words), the two new.
-        allowed = torch.cat([self.ctx[:, None, :].expand(n, 2, c),
-                             torch.ones((n, 2, t), dtype=torch.bool, device=dev),
-                             torch.tril(torch.ones((2, 2), dtype=torch.bool,
-                                                   device=dev)).expand(n, 2, 2)], dim=2)
-        hidden = self.model.extend(self.cache, allowed, ids, torch.zeros_like(ids), positions)
-        self.cache.keep(c + t + 1)  # the [MASK] goes; the word stays
-        where = torch.zeros((n, 2), dtype=torch.bool, device=dev)
-        where[:, 1] = True
-        return self.model.mlm_logits(hidden, where, "mlm"), {"t": t + 1}
-
-    def reorder(self, state: dict, rows: torch.Tensor) -> dict:
-        self.cache.select(rows)
-        self.ctx = self.ctx.index_select(0, rows.to(self.ctx.device))
-        return state
 
 
 class Captioning(Task):
@@ -203,6 +41,14 @@ class Captioning(Task):
     headline = "cider"
     uses_pooler = False
     _sampler: Any = None  # the sampling generator, seeded once per bound task
+    _reward: ScstReward | None = None  # SCST: made by `dataset`, read by `scst_step`
+    _decode_ds: CaptionDataset | None = None
+
+    def bind(self, recipe: Any, state: dict | None = None) -> Captioning:
+        task = super().bind(recipe, state)
+        assert isinstance(task, Captioning)
+        task._sampler = task._reward = task._decode_ds = None  # nothing carried between runs
+        return task
 
     @staticmethod
     def head_spec() -> HeadSpec:
@@ -225,36 +71,114 @@ class Captioning(Task):
 
     def dataset(self, ctx: Context, split: str, seed: int) -> CaptionDataset:
         idx = split_indices(ctx.corpus, KIND, split)
-        return CaptionDataset(ctx.corpus, ctx.builder, idx, self.recipe.captioning,
-                              self.max_text_len(), seed)
+        cfg = self.recipe.captioning
+        if not cfg.scst:
+            return CaptionDataset(ctx.corpus, ctx.builder, idx, cfg, self.max_text_len(), seed)
+        # SCST: the reward (and its document frequencies, from the training captions) is made
+        # once per bound task, on the first split asked for; each split adds its references.
+        if self._reward is None:
+            _, train_refs = images_and_refs(ctx.corpus, split_indices(ctx.corpus, KIND,
+                                                                       "train"))
+            self._reward = ScstReward(ctx.tokenizer, train_refs)
+            self._decode_ds = CaptionDataset(None, ctx.builder, np.zeros(0), cfg,
+                                             self.max_text_len(), 0)
+        first, refs = images_and_refs(ctx.corpus, idx)
+        return ScstDataset(ctx.corpus, ctx.builder, np.asarray(first, dtype=np.int64), cfg,
+                           self.max_text_len(), seed, self._reward.add(refs))
 
     def collate(self, items: list[dict], batch: dict) -> None:
-        batch["mlm_labels"] = pad_labels(items, "mlm_labels", batch["input_ids"].shape[1])
-        _seq2seq(items, batch)
+        if self.recipe.captioning.scst:
+            batch["refs"], batch["draw"] = longs(items, "refs"), longs(items, "draw")
+        else:
+            batch["mlm_labels"] = pad_labels(items, "mlm_labels", batch["input_ids"].shape[1])
+        seq2seq(items, batch)
 
     def step(self, model: VLPModel, batch: dict) -> tuple[torch.Tensor, Stats]:
+        if self.recipe.captioning.scst:
+            return self.scst_step(model, batch)
         hidden = encode(model, batch)
         loss, stats = masked_tokens(model, hidden, batch["mlm_labels"],
                                     self.recipe.captioning.label_smoothing)
         stats["loss"] = stats["mlm_loss"]
         return loss, stats
 
+    def scst_step(self, model: VLPModel, batch: dict) -> tuple[torch.Tensor, Stats]:
+        """Self-critical sequence training as Oscar ran it: the greedy caption of each image
+        (eval mode, no gradient) is the baseline; `scst_samples` captions per image are
+        sampled in training mode; the loss is -mean((reward - baseline) x mean log-prob).
+        Under no gradient (held-out statistics) only the greedy captions are scored."""
+        import torch
+
+        from vlp_cli.decoding import greedy, sample
+
+        cfg, ds, reward = self.recipe.captioning, self._decode_ds, self._reward
+        if reward is None:
+            raise RuntimeError("scst_step before dataset(): the reward is made with the data")
+        b = ds.builder
+        rows = batch["refs"].tolist()
+        n, device = len(rows), batch["input_ids"].device
+        banned = torch.tensor(sorted(b.special_ids - {b.sep_id}), dtype=torch.long)
+        was_training = model.training
+        base: np.ndarray | None = None
+        if cfg.scst_baseline == "greedy" or not torch.is_grad_enabled():
+            model.eval()
+            with torch.no_grad():
+                dec = CachedCaptionDecoder(model, ds, None, device, batch=batch)
+                base = reward(greedy(dec.step, dec.start(), n, cfg.max_caption_len, b.sep_id,
+                                     banned), rows)
+            model.train(was_training)
+        if not torch.is_grad_enabled():
+            value = torch.tensor(float(base.mean()), device=device)  # type: ignore[union-attr]
+            return -value, {"loss": mean_stat(-value, n), "reward_greedy": mean_stat(value, n)}
+        k = cfg.scst_samples
+        expand = torch.arange(n).repeat_interleave(k)
+        gen = torch.Generator().manual_seed(int(batch["draw"][0]))
+        # Sampled in training mode, as Oscar samples; then each sample's log-probabilities
+        # in one teacher-forced pass with gradient (`token_logits`), several times cheaper
+        # than keeping the graph of every decoding step. (Oscar's code keeps the graph of its
+        # sampling pass; here dropout draws new masks for the scoring pass. In eval mode the
+        # two give the same log-probabilities: tests/test_scst.py.)
+        with torch.no_grad():
+            dec = CachedCaptionDecoder(model, ds, None, device, batch=batch)
+            state = dec.reorder(dec.start(), expand.to(device))
+            ids = sample(dec.step, state, n * k, cfg.max_caption_len, b.sep_id,
+                         top_k=cfg.top_k, top_p=cfg.top_p, temperature=cfg.temperature,
+                         banned=banned, generator=gen)
+        dec = CachedCaptionDecoder(model, ds, None, device, batch=batch)
+        dec.reorder(dec.start(), expand.to(device))
+        logp = sequence_log_probs(dec, ids, b.sep_id, cfg, banned)
+        got = reward(ids, [rows[i] for i in expand.tolist()]).reshape(n, k)
+        if base is not None:
+            baseline = np.repeat(base[:, None], k, axis=1)
+        else:  # the mean of the image's other samples
+            baseline = (got.sum(1, keepdims=True) - got) / (k - 1)
+        advantage = torch.as_tensor((got - baseline).reshape(-1), dtype=torch.float32,
+                                    device=logp.device)
+        loss = -(logp * advantage).mean()
+        stats = {"loss": mean_stat(loss, n),
+                 "reward": mean_stat(torch.tensor(float(got.mean()), device=device), n)}
+        if base is not None:
+            stats["reward_greedy"] = mean_stat(torch.tensor(float(base.mean()), device=device),
+                                               n)
+        return loss, stats
+
     def generate(self, model: VLPModel, builder: ExampleBuilder, images: list[ImageInput],
-                 device: torch.device) -> list[list[int]]:
+                 device: torch.device, cfg: CaptioningCfg | None = None) -> list[list[int]]:
         """Caption ids for each image (at most `captioning.max_caption_len` pieces): greedy,
-        or the best of a beam search when `captioning.beam_size` > 1."""
+        or the best of a beam search when `captioning.beam_size` > 1; `cfg` in place of the
+        recipe's section (one call's overrides)."""
         import torch
 
         from vlp_cli.decoding import beam_search, constrained_beam_search, greedy, sample
 
-        cfg = self.recipe.captioning
+        cfg = cfg or self.recipe.captioning
         ds = CaptionDataset(None, builder, np.zeros(0), cfg, self.max_text_len(), 0)
         decoder: CaptionDecoder | CachedCaptionDecoder = (
             CachedCaptionDecoder if cfg.incremental else CaptionDecoder)(model, ds, images, device)
         # Never emit padding, [CLS], [MASK] or [UNK]; [SEP] ends the caption.
         banned = torch.tensor(sorted(builder.special_ids - {builder.sep_id}), dtype=torch.long)
         if cfg.constrain_tags:
-            constraints = [[builder.tag_pieces[c] for c in
+            constraints = [[builder.tag_forms[c] for c in
                             list(dict.fromkeys(img.tag_classes))[: cfg.max_constraints]]
                            for img in images]
             hyps = constrained_beam_search(
@@ -291,11 +215,10 @@ class Captioning(Task):
             from vlp_cli import VlpError
 
             raise VlpError("--constrain-tags is a beam search: drop --set captioning.sample")
-        self.recipe = replace(self.recipe, captioning=cfg)
         model.eval()
         out: list[str] = []
         for start in range(0, len(images), batch_size):
-            ids = self.generate(model, builder, images[start: start + batch_size], device)
+            ids = self.generate(model, builder, images[start: start + batch_size], device, cfg)
             out += [tokenizer.decode(w, skip_special_tokens=True).strip() for w in ids]
         return out
 
