@@ -90,6 +90,6 @@ def test_scoring_mistakes_are_one_line(tmp_path: Path) -> None:
     assert "go together" in _error(run("evaluate", "captioning", "--predictions", RESULTS))
     assert "missing --checkpoint" in _error(run("evaluate", "captioning"))
     assert "cannot score a --predictions file" in _error(
-        run("evaluate", "vqa", "--predictions", RESULTS, "--references", REFS))
+        run("evaluate", "retrieval", "--predictions", RESULTS, "--references", REFS))
     assert "no 'annotations' list" in _error(
         run("evaluate", "captioning", "--predictions", RESULTS, "--references", RESULTS))

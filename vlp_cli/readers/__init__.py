@@ -11,11 +11,12 @@ from __future__ import annotations
 from types import ModuleType
 
 from vlp_cli import VlpError
-from vlp_cli.readers import coco_captions, easyvqa, jsonl, scenes
+from vlp_cli.readers import coco_captions, easyvqa, jsonl, scenes, vqa_v2
 
 # In the order they are asked whether a source is theirs.
 READERS: dict[str, ModuleType] = {easyvqa.NAME: easyvqa, scenes.NAME: scenes,
-                                  coco_captions.NAME: coco_captions, jsonl.NAME: jsonl}
+                                  coco_captions.NAME: coco_captions, vqa_v2.NAME: vqa_v2,
+                                  jsonl.NAME: jsonl}
 
 
 def reader_for(spec: str) -> ModuleType:

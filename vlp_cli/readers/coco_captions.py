@@ -17,12 +17,12 @@ written from a store of COCO images carry COCO's own ids.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from vlp_cli import VlpError
+from vlp_cli.readers.files import load_json, split_spec
 from vlp_cli.readers.jsonl_lines import iter_jsonl
 from vlp_cli.stores.corpus import SPLITS
 
@@ -32,33 +32,14 @@ _NAME = re.compile(r"captions_.*\.json$")
 _TRAILING_INT = re.compile(r"(\d+)$")
 
 
-def _split_spec(spec: str) -> tuple[str | None, Path]:
-    split, _, rest = spec.partition("=")
-    if rest and split in SPLITS:
-        return split, Path(rest)
-    return None, Path(spec)
-
-
 def claims(spec: str) -> bool:
-    return bool(_NAME.search(_split_spec(spec)[1].name))
+    return bool(_NAME.search(split_spec(spec)[1].name))
 
 
 def image_id(key: str) -> int | str:
     """COCO's image id of a store key: the integer ending its file stem, else the key."""
     m = _TRAILING_INT.search(Path(key).stem)
     return int(m.group(1)) if m else key
-
-
-def _load(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise VlpError(f"{what} {path} not found")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise VlpError(f"{what} {path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise VlpError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})"
-                       ) from None
 
 
 def _annotations(data: Any, path: Path, what: str) -> list[dict]:
@@ -79,8 +60,8 @@ def _check_entries(entries: list, where: str) -> None:
 
 
 def read(spec: str, workdir: Path) -> list[dict]:
-    split, path = _split_spec(spec)
-    data = _load(path, "source")
+    split, path = split_spec(spec)
+    data = load_json(path, "source")
     anns = _annotations(data, path, "source")
     names = {im.get("id"): im.get("file_name") for im in data.get("images", [])
              if isinstance(im, dict)}
@@ -110,7 +91,7 @@ def read_references(path: Path) -> dict[str, list[str]]:
                 raise VlpError(f"{where}: needs a 'caption' string")
             refs.setdefault(rec["image"], []).append(rec["caption"])
         return refs
-    for a in _annotations(_load(path, "--references"), path, "--references"):
+    for a in _annotations(load_json(path, "--references"), path, "--references"):
         refs.setdefault(str(a["image_id"]), []).append(a["caption"])
     return refs
 
@@ -126,7 +107,7 @@ def read_results(path: Path) -> dict[str, str]:
                 raise VlpError(f"{where}: needs a 'caption' string")
             rows.append((where, rec["image"], rec["caption"]))
     else:
-        data = _load(path, "--predictions")
+        data = load_json(path, "--predictions")
         if not isinstance(data, list):
             raise VlpError(f"--predictions {path}: a COCO results file is a list of "
                            '{"image_id", "caption"}')

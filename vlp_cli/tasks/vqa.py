@@ -27,6 +27,8 @@ from vlp_cli.tasks.base import (Context, Stats, Task, encode, longs, mean_stat, 
                                 split_indices)
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from vlp_cli.model import HeadSpec, VLPModel
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KIND = "vqa"  # the corpus kind of questions
+RESULTS_FILE = "vqa_results.json"  # evaluate's results file, the evaluation server's format
 
 # -- the official evaluation ---------------------------------------------------------------------
 
@@ -435,6 +438,47 @@ class Vqa(Task):
                    "other": 100 * float(np.mean(other)) if other else None}
         return metrics, preds
 
+    def result_files(self, predictions: list[dict]) -> dict[str, Any]:
+        """The evaluation server's format, [{"question_id", "answer"}]: written when every
+        question id is an integer (VQA v2's; easy-VQA's ids are strings)."""
+        if not predictions or not all(_int_id(p["qid"]) is not None for p in predictions):
+            return {}
+        return {RESULTS_FILE: [{"question_id": _int_id(p["qid"]), "answer": p["prediction"]}
+                               for p in predictions]}
+
+    def score_files(self, predictions: Path, references: Path) -> tuple[dict, list[dict]]:
+        """Another system's VQA results file against the official annotations: accuracy
+        overall and per answer type, as the official evaluation computes them (each question's
+        soft accuracy; the means x 100)."""
+        from vlp_cli import VlpError
+        from vlp_cli.readers.vqa_v2 import read_annotations, read_results
+
+        preds, anns = read_results(predictions), read_annotations(references)
+        if not preds:
+            raise VlpError(f"--predictions {predictions}: no answers in it")
+        missing = [q for q in preds if q not in anns]
+        if missing:
+            raise VlpError(f"--predictions {predictions}: {len(missing)} of {len(preds)} "
+                           f"questions are not in {references} (first: {missing[0]}); score "
+                           "against the annotations of the same split")
+        if len(preds) < len(anns):  # the official evaluation refuses partial results too
+            unanswered = sorted(set(anns) - set(preds))
+            raise VlpError(f"--predictions {predictions}: {len(unanswered)} questions of "
+                           f"{references} have no answer (first: {unanswered[0]}); answer "
+                           "every question of the split")
+        rows = []
+        for q in sorted(preds):
+            a = anns[q]
+            rows.append({"qid": q, "prediction": preds[q], "answers": a["answers"],
+                         "answer_type": a["answer_type"],
+                         "accuracy": vqa_accuracy(preds[q], a["answers"])})
+        metrics: dict[str, Any] = {"vqa_accuracy": 100 * float(np.mean(
+            [r["accuracy"] for r in rows])), "questions": len(rows)}
+        for kind in sorted({str(r["answer_type"]) for r in rows if r["answer_type"]}):
+            metrics[kind] = 100 * float(np.mean([r["accuracy"] for r in rows
+                                                 if r["answer_type"] == kind]))
+        return metrics, rows
+
     def answer(self, model: VLPModel, builder: ExampleBuilder, images: list[ImageInput],
                questions: list[str], tokenizer: Any, device: torch.device,
                top: int = 5) -> list[list[tuple[str, float]]]:
@@ -456,6 +500,12 @@ class Vqa(Task):
             scores, idx = probs.topk(min(top, len(answers)), dim=-1)
         return [[(answers[i], float(s)) for s, i in zip(srow, irow)]
                 for srow, irow in zip(scores.tolist(), idx.tolist())]
+
+
+def _int_id(qid: Any) -> int | None:
+    if isinstance(qid, int):
+        return qid
+    return int(qid) if isinstance(qid, str) and qid.isdigit() else None
 
 
 TASK = Vqa()

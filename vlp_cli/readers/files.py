@@ -1,0 +1,32 @@
+"""What the JSON-file readers share: `SPLIT=PATH` specs and loading a JSON file with one-line
+errors (not a reader: no NAME)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlp_cli import VlpError
+from vlp_cli.stores.corpus import SPLITS
+
+
+def split_spec(spec: str) -> tuple[str | None, Path]:
+    """`val=path/file.json` -> ("val", path); a plain path -> (None, path)."""
+    split, _, rest = spec.partition("=")
+    if rest and split in SPLITS:
+        return split, Path(rest)
+    return None, Path(spec)
+
+
+def load_json(path: Path, what: str) -> Any:
+    """A JSON file's content; `what` names the file's role in the one-line errors."""
+    if not path.is_file():
+        raise VlpError(f"{what} {path} not found")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise VlpError(f"{what} {path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise VlpError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})"
+                       ) from None
