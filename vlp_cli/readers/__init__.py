@@ -11,11 +11,13 @@ from __future__ import annotations
 from types import ModuleType
 
 from vlp_cli import VlpError
-from vlp_cli.readers import coco_captions, easyvqa, jsonl, scenes, vqa_v2
+from vlp_cli.readers import (caption_tsv, coco_captions, easyvqa, jsonl, karpathy, scenes,
+                             vqa_v2)
 
 # In the order they are asked whether a source is theirs.
 READERS: dict[str, ModuleType] = {easyvqa.NAME: easyvqa, scenes.NAME: scenes,
-                                  coco_captions.NAME: coco_captions, vqa_v2.NAME: vqa_v2,
+                                  coco_captions.NAME: coco_captions, karpathy.NAME: karpathy,
+                                  vqa_v2.NAME: vqa_v2, caption_tsv.NAME: caption_tsv,
                                   jsonl.NAME: jsonl}
 
 
