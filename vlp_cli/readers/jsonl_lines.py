@@ -9,9 +9,10 @@ from pathlib import Path
 from vlp_cli import VlpError
 
 
-def iter_jsonl(path: Path, what: str = "file") -> Iterator[tuple[str, dict]]:
-    """Yield (`"FILE line N"`, record) for each non-empty line holding a JSON object with an
-    'image' string field.
+def iter_jsonl(path: Path, what: str = "file",
+               require: str | None = "image") -> Iterator[tuple[str, dict]]:
+    """Yield (`"FILE line N"`, record) for each non-empty line holding a JSON object with a
+    `require` string field (vlp's own lines: 'image'; None: any object).
 
     Bytes are split, not decoded text: str.splitlines also breaks at U+2028, U+0085 and other
     characters that JSON strings may hold unescaped. A UTF-8 BOM is tolerated.
@@ -31,6 +32,9 @@ def iter_jsonl(path: Path, what: str = "file") -> Iterator[tuple[str, dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise VlpError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str):
-            raise VlpError(f"{where}: needs an 'image' field with the image key (a string)")
+        if not isinstance(rec, dict):
+            raise VlpError(f"{where}: not a JSON object")
+        if require is not None and not isinstance(rec.get(require), str):
+            what_field = "the image key" if require == "image" else "a string"
+            raise VlpError(f"{where}: needs the '{require}' field, {what_field}")
         yield where, rec
