@@ -72,7 +72,7 @@ ablate: install
 # the 200 test scenes scored with CIDEr-D. About 40 minutes on 2 cores; finished steps are kept.
 SCST_DIR ?= .scst
 SCST_RECIPE := recipes/scst-scenes.yaml
-SCST_SETS := --set captioning.scst=true --set captioning.train.steps=30 \
+SCST_SETS := --set captioning.scst=true --set captioning.train.steps=40 \
 	--set captioning.train.batch_size=16 --set captioning.train.lr=2e-5 \
 	--set captioning.train.warmup_steps=0 --set captioning.train.log_every=5
 SCST_IO = --corpus $(SCST_DIR)/corpus --features $(SCST_DIR)/features

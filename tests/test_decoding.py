@@ -346,31 +346,3 @@ def test_tags_become_caption_words_with_their_plurals() -> None:
                                 "toy", "traffic light", "potted plant", "knife", "box")] == \
         ["dogs", "benches", "buses", "people", "sheep", "skis", "cherries", "toys",
          "traffic lights", "potted plants", "knives", "boxes"]
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_one_pass_log_probs_equal_step_by_step_sampling(attn: str) -> None:
-    """SCST scores its samples in one teacher-forced pass (`sequence_log_probs`); in eval mode
-    that equals the log-probabilities drawn step by step through the cached decoder, for
-    rows that end and rows cut at the budget, with temperature and top-k."""
-    from dataclasses import replace
-
-    from vlp_cli.decoding import sample_with_log_probs
-    from vlp_cli.tasks.captioning import CachedCaptionDecoder, sequence_log_probs
-
-    model, ds, images = _captioning(attn)
-    cfg = replace(ds.cfg, temperature=0.8, top_k=40)
-    banned = torch.tensor([0, 1, 3, 4])
-    with torch.no_grad():
-        dec = CachedCaptionDecoder(model, ds, images, torch.device("cpu"))
-        rows = torch.arange(5).repeat_interleave(3)
-        state = dec.reorder(dec.start(), rows)
-        ids, want = sample_with_log_probs(dec.step, state, 15, 6, 2, top_k=40,
-                                          temperature=0.8, banned=banned,
-                                          generator=torch.Generator().manual_seed(1))
-    assert {len(x) for x in ids} >= {6} and min(len(x) for x in ids) < 6, ids
-    dec = CachedCaptionDecoder(model, ds, images, torch.device("cpu"))
-    dec.reorder(dec.start(), rows)
-    got = sequence_log_probs(dec, ids, 2, cfg, banned)
-    assert got.requires_grad
-    assert torch.allclose(got.detach(), want, atol=1e-5), (got - want).abs().max()
