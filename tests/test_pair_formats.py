@@ -43,3 +43,18 @@ def test_snli_ve_hypotheses_with_gold_labels(tmp_path: Path) -> None:
     assert [e["images"] for e in exs] == [["2248275918.jpg"]] * 2 + [["10002456.jpg"]]
     assert exs[0]["texts"] == ["A man is sleeping in a hammock."]
     assert {e["split"] for e in exs} == {"val"} and exs[2]["id"] == "10002456.jpg#0r1n"
+
+
+def test_gqa_questions_train_through_the_vqa_task(tmp_path: Path) -> None:
+    from vlp_cli.readers import gqa
+
+    path = FIX / "gqa" / "val_balanced_questions.json"
+    assert reader_for(str(path)) is gqa
+    exs = gqa.read(str(path), tmp_path)
+    assert [(e["id"], e["images"], e["label"], e["kind"], e["split"]) for e in exs] == [
+        ("02930152", ["2354786.jpg"], ["yes"], "vqa", "val"),
+        ("07333408", ["2375429.jpg"], ["pipe"], "vqa", "val")]
+    no_answer = tmp_path / "test_balanced_questions.json"
+    no_answer.write_text('{"1": {"question": "Is it?", "imageId": "n1"}}')
+    with pytest.raises(VlpError, match="has no 'answer'"):
+        gqa.read(str(no_answer), tmp_path)

@@ -11,15 +11,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from vlp_cli import VlpError
-from vlp_cli.readers import (caption_tsv, coco_captions, easyvqa, jsonl, karpathy, nlvr2,
-                             refcoco, scenes, snli_ve, vqa_v2)
+from vlp_cli.readers import (caption_tsv, coco_captions, easyvqa, gqa, jsonl, karpathy,
+                             nlvr2, refcoco, scenes, snli_ve, vqa_v2)
 
 # In the order they are asked whether a source is theirs.
 READERS: dict[str, ModuleType] = {easyvqa.NAME: easyvqa, scenes.NAME: scenes,
                                   coco_captions.NAME: coco_captions, karpathy.NAME: karpathy,
                                   vqa_v2.NAME: vqa_v2, caption_tsv.NAME: caption_tsv,
                                   nlvr2.NAME: nlvr2, snli_ve.NAME: snli_ve, refcoco.NAME: refcoco,
-                                  jsonl.NAME: jsonl}
+                                  gqa.NAME: gqa, jsonl.NAME: jsonl}
 
 
 def reader_for(spec: str) -> ModuleType:
