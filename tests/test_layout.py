@@ -200,7 +200,14 @@ def test_stores_do_not_import_torch() -> None:
     assert not offenders, f"vlp_cli.stores modules importing torch: {offenders}"
 
 
+# The one exception: RefCOCO's refs file is a Python 2 pickle, read by a restricted unpickler
+# that builds containers only (tests/test_resume.py checks that it calls nothing else).
+RESTRICTED_UNPICKLER = "vlp_cli.readers.refcoco"
+
+
 def test_nothing_imports_pickle() -> None:
     _, names = _graph()
-    offenders = {m: sorted(ns & PICKLE_MODULES) for m, ns in names.items() if ns & PICKLE_MODULES}
+    offenders = {m: sorted(ns & PICKLE_MODULES) for m, ns in names.items()
+                 if ns & PICKLE_MODULES and not (m == RESTRICTED_UNPICKLER and ns & PICKLE_MODULES
+                                                  == {"pickle"})}
     assert not offenders, f"modules importing pickle or a wrapper of it: {offenders}"

@@ -207,10 +207,19 @@ def test_no_pickle_in_package_code() -> None:
     import re
 
     root = Path(__file__).resolve().parent.parent / "vlp_cli"
+    # RefCOCO's refs file is a Python 2 pickle: readers/refcoco.py may name the pickle module
+    # for a restricted Unpickler (containers only, find_class refuses every other name) and its
+    # error; never pickle.load / loads / Unpickler used as it is.
+    restricted = {"import pickle", "class _ContainersOnly(pickle.Unpickler):",
+                  "except pickle.UnpicklingError as exc:",
+                  'raise pickle.UnpicklingError(f"it names {module}.{name}")'}
     bad = []
     for path in root.rglob("*.py"):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
+            if path.relative_to(root).as_posix() == "readers/refcoco.py" and \
+                    code.strip() in restricted:
+                continue
             if re.search(r"\bimport pickle\b|\bpickle\.|cPickle|dill\b|joblib", code):
                 bad.append(f"{path.name}:{n}: {line.strip()}")
             if "torch.load(" in code and "weights_only=True" not in code:
