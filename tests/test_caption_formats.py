@@ -55,15 +55,20 @@ def test_conceptual_captions_tsv(tmp_path: Path) -> None:
         caption_tsv.read(str(bad), tmp_path)
 
 
-def test_build_corpus_from_the_karpathy_file(tmp_path: Path) -> None:
+def _store(path: Path) -> None:
+    """A synthetic feature store with the Karpathy fixture's images."""
     from vlp_cli.stores.features import FeatureStoreWriter
 
     rng = np.random.default_rng(0)
-    w = FeatureStoreWriter(tmp_path / "features", {"extractor": {"name": "synthetic"},
-                                                   "feature_dim": 16, "labels": ["a", "b"]})
+    w = FeatureStoreWriter(path, {"extractor": {"name": "synthetic"}, "feature_dim": 16,
+                                  "labels": ["a", "b"]})
     for im in json.loads(COCO.read_text())["images"]:
         w.put(im["filename"], make_regions(rng, 3, 16))
     w.close()
+
+
+def test_build_corpus_from_the_karpathy_file(tmp_path: Path) -> None:
+    _store(tmp_path / "features")
     res = CliRunner().invoke(app, ["build-corpus", str(COCO), "--features",
                                    str(tmp_path / "features"), "--out", str(tmp_path / "c"),
                                    "--set", "corpus.tokenizer=embedded:minilm"])
@@ -71,3 +76,21 @@ def test_build_corpus_from_the_karpathy_file(tmp_path: Path) -> None:
     info = json.loads(CliRunner().invoke(app, ["inspect", str(tmp_path / "c"),
                                                "--json"]).stdout)
     assert info["counts"] == {"caption/test": 2, "caption/train": 3, "caption/val": 1}
+
+
+def test_exclude_drops_the_images_of_evaluation_splits(tmp_path: Path) -> None:
+    """UNITER's cleaning: a pre-training corpus built from the Karpathy file without any image
+    of COCO's val2014 captions (three of the four images): their 4 examples go, the count is
+    recorded in the corpus."""
+    _store(tmp_path / "features")
+    res = CliRunner().invoke(app, ["build-corpus", str(COCO), "--features",
+                                   str(tmp_path / "features"), "--out", str(tmp_path / "c"),
+                                   "--exclude", str(FIX / "coco" / "captions_val2014.json"),
+                                   "--set", "corpus.tokenizer=embedded:minilm",
+                                   "--set", "corpus.val_fraction=0"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(CliRunner().invoke(app, ["inspect", str(tmp_path / "c"),
+                                               "--json"]).stdout)
+    assert info["counts"] == {"caption/train": 2}
+    assert info["meta"]["excluded"] == {"sources": [str(FIX / "coco" / "captions_val2014.json")],
+                                        "images": 3, "examples": 4}

@@ -230,6 +230,10 @@ def build_corpus(
     skip_missing: Annotated[bool, typer.Option(help="Skip examples whose image has no "
                             "features instead of failing.")] = False,
     allow_incomplete: AllowIncomplete = False,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="A source (same syntax) whose images must not be in this corpus, e.g. "
+             "test=dataset_coco.json: every example naming one is dropped, the counts "
+             "logged and recorded. Repeat for several.")] = None,
     recipe: Recipe = None, sets: Sets = None, verbose: Verbose = False,
 ) -> None:
     _setup(verbose)
@@ -238,7 +242,8 @@ def build_corpus(
     _writable(out)
     with _output(out):
         corpus.run(sources, features, out, _recipe(recipe, sets, ["corpus"]),
-                   skip_missing=skip_missing, allow_incomplete=allow_incomplete)
+                   skip_missing=skip_missing, allow_incomplete=allow_incomplete,
+                   exclude=exclude or [])
 
 
 @app.command("import-features")

@@ -44,31 +44,60 @@ def carve_val(examples: list[dict], cfg: CorpusCfg) -> tuple[int, int]:
     return n, moved
 
 
+def excluded_images(specs: list[str], workdir: Path) -> set[str]:
+    """The image keys of every example in these sources (evaluation splits, e.g.
+    `test=dataset_coco.json`), read by the readers that claim them."""
+    keys: set[str] = set()
+    for spec in specs:
+        for e in reader_for(spec).read(spec, workdir):
+            keys.update(e["images"])
+    return keys
+
+
 def run(sources: list[str], features: Path, out: Path, recipe: Recipe,
-        skip_missing: bool = False, allow_incomplete: bool = False) -> Path:
+        skip_missing: bool = False, allow_incomplete: bool = False,
+        exclude: list[str] | None = None) -> Path:
     """Build a corpus from `sources` (any number; each read by the reader that claims it).
 
     A feature store whose extraction has not finished is refused unless `allow_incomplete`.
+    `exclude`: sources whose images must not be in this corpus (UNITER cleaned its
+    pre-training data of every image in the downstream evaluation splits): every example
+    naming one of them is dropped; the counts are logged and recorded in the corpus meta.
     """
     cfg = recipe.corpus
     store = FeatureStore(features, allow_incomplete=allow_incomplete)
     tok = load_tokenizer(cfg.tokenizer)
     writer = CorpusWriter(out, {})
     try:
-        return _build(sources, store, tok, writer, features, out, recipe, skip_missing)
+        return _build(sources, store, tok, writer, features, out, recipe, skip_missing,
+                      exclude or [])
     except BaseException:
         writer.abort()
         raise
 
 
 def _build(sources: list[str], store: FeatureStore, tok: object, writer: CorpusWriter,
-           features: Path, out: Path, recipe: Recipe, skip_missing: bool) -> Path:
+           features: Path, out: Path, recipe: Recipe, skip_missing: bool,
+           exclude: list[str]) -> Path:
     cfg = recipe.corpus
     examples: list[dict] = []
     for spec in sources:
         examples += reader_for(spec).read(spec, writer.workdir)
     if not examples:
         raise VlpError("no examples in the given sources")
+    excluded = None
+    if exclude:
+        banned = excluded_images(exclude, writer.workdir)
+        kept = [e for e in examples if not banned.intersection(e["images"])]
+        dropped_images = {k for e in examples for k in e["images"]} & banned
+        excluded = {"sources": exclude, "images": len(dropped_images),
+                    "examples": len(examples) - len(kept)}
+        logger.warning("--exclude: dropped %d examples of %d images that appear in %s",
+                       excluded["examples"], excluded["images"], ", ".join(exclude))
+        examples = kept
+        if not examples:
+            raise VlpError("--exclude dropped every example: the sources hold only images of "
+                           "the excluded splits")
     keys = set(store.keys())
     missing = [e for e in examples if any(k not in keys for k in e["images"])]
     if missing:
@@ -97,6 +126,7 @@ def _build(sources: list[str], store: FeatureStore, tok: object, writer: CorpusW
         sources=sources, tokenizer=tokenizer_identity(tok),
         features={"path": str(Path(features).resolve()), "fingerprint": store.fingerprint,
                   "feature_dim": store.feature_dim},
+        **({"excluded": excluded} if excluded is not None else {}),
     )
     logger.info("%s: %d examples (%s)", out, meta["examples"],
                 ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
