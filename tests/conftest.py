@@ -81,3 +81,20 @@ def tiny_recipe_obj():
     from vlp_cli.config import load_recipe
 
     return load_recipe("tiny", tiny_recipe_sets())
+
+
+def cli(*args) -> object:
+    """`vlp ARGS` through typer's CliRunner (exceptions become the exit code, as for a user)."""
+    from typer.testing import CliRunner
+
+    from vlp_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_error_line(res) -> str:
+    """The single `error:` line of a failed command: exit 1, no traceback."""
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    lines = [x for x in res.output.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, res.output
+    return lines[0]

@@ -6,26 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from typer.testing import CliRunner
-
-from vlp_cli.cli import app
+from conftest import cli, one_error_line
 from vlp_cli.readers import coco_captions, reader_for
 
 COCO = Path(__file__).parent / "fixtures" / "coco"
 REFS = COCO / "captions_val2014.json"
 RESULTS = COCO / "captions_val2014_fakecap_results.json"
-runner = CliRunner()
-
-
-def run(*args: str | Path):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _error(res) -> str:
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    lines = [x for x in res.output.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, res.output
-    return lines[0]
+run, _error = cli, one_error_line
 
 
 def test_reader_takes_the_official_file(tmp_path: Path) -> None:

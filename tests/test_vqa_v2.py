@@ -10,28 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
-from conftest import make_regions, tiny_recipe_sets
-from vlp_cli.cli import app
+from conftest import cli, one_error_line, make_regions, tiny_recipe_sets
 from vlp_cli.readers import reader_for, vqa_v2
 
 VQA = Path(__file__).parent / "fixtures" / "vqa"
 QUESTIONS = VQA / "v2_OpenEnded_mscoco_val2014_questions.json"
 ANNOTATIONS = VQA / "v2_mscoco_val2014_annotations.json"
 RESULTS = VQA / "vqa_val2014_results.json"
-runner = CliRunner()
-
-
-def run(*args: str | Path):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def _error(res) -> str:
-    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
-    lines = [x for x in res.output.splitlines() if x.startswith("error:")]
-    assert len(lines) == 1, res.output
-    return lines[0]
+run, _error = cli, one_error_line
 
 
 def test_reader_takes_the_official_files(tmp_path: Path) -> None:
