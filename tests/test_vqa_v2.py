@@ -45,15 +45,17 @@ def test_questions_without_their_annotations_are_one_line(tmp_path: Path) -> Non
     assert "\n" not in line and "v2_mscoco_val2014_annotations.json" in line and "beside" in line
 
 
-def test_a_results_file_scores_as_the_official_evaluation() -> None:
+def test_a_results_file_scores_as_the_official_evaluation(tmp_path: Path) -> None:
     """By hand: "yes" vs ten "yes" 1; "two" vs 2 x "2" + 8 x "two" (digits normalised) 1;
     "red" vs 1 red + 9 blue: nine of ten leave-one-out subsets hold one match, 9/10 x 1/3 =
     0.3; "cat" vs 3 cat + 7 dog: (3 x 2/3 + 7 x 1) / 10 = 0.9; "Yes" vs ten "yes": the
     answers all agree, so nothing is normalised and the case differs: 0; "an umbrella" vs
     6 "umbrella" + 4 "an umbrella" (articles dropped) 1. Overall 4.2 / 6 = 70."""
-    res = run("evaluate", "vqa", "--predictions", RESULTS, "--references", ANNOTATIONS)
+    res = run("evaluate", "vqa", "--predictions", RESULTS, "--references", ANNOTATIONS,
+              "-o", tmp_path / "scored")  # not beside the fixture, in the repository
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert json.loads((tmp_path / "scored" / "metrics.json").read_text()) == out
     assert out["vqa_accuracy"] == pytest.approx(70.0)
     assert out["yes/no"] == pytest.approx(50.0) and out["number"] == pytest.approx(100.0)
     assert out["other"] == pytest.approx(220 / 3) and out["questions"] == 6
