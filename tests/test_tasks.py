@@ -15,7 +15,7 @@ NAMES = list(TASKS)
 
 
 @pytest.fixture(scope="module")
-def world(tiny_data: dict) -> dict:
+def world(task_data: dict) -> dict:
     from accelerate import Accelerator
 
     from vlp_cli.checkpoint import load_tokenizer
@@ -25,8 +25,8 @@ def world(tiny_data: dict) -> dict:
 
     recipe = tiny_recipe_obj()
     tok = load_tokenizer("embedded:minilm")
-    builder = ExampleBuilder(tok, FeatureStore(tiny_data["features"]), recipe.data)
-    ctx = Context(recipe, Corpus(tiny_data["corpus"]), builder, tok)
+    builder = ExampleBuilder(tok, FeatureStore(task_data["features"]), recipe.data)
+    ctx = Context(recipe, Corpus(task_data["corpus"]), builder, tok)
     return {"recipe": recipe, "tok": tok, "ctx": ctx, "acc": Accelerator(cpu=True)}
 
 
@@ -40,6 +40,7 @@ def _setup(world: dict, name: str) -> tuple:
     torch.manual_seed(0)
     model = VLPModel.from_text_encoder("random:tiny", 16, task.heads(ctx),
                                        vocab_size=len(world["tok"]))
+    task.adapt_model(model)
     ds = task.dataset(ctx, "train", 0)
     batch = Collator(ctx.builder.pad_id, task.collate)([ds[i] for i in range(4)])
     return task, model, batch

@@ -356,6 +356,35 @@ class VqaCfg:
 
 
 @dataclass
+class GqaCfg(VqaCfg):
+    """GQA (tasks/gqa.py): the VQA model and its keys; every answer of GQA's balanced train
+    and val questions fits the default vocabulary."""
+
+    max_answers: int = num(2000, ge=1)
+
+
+@dataclass
+class Nlvr2Cfg:
+    train: TrainCfg = field(default_factory=TrainCfg)
+    max_text_len: int = num(60, ge=MIN_TEXT_LEN, why="UNITER: 60")
+    # UNITER's three ways to read two images (tasks/nlvr2.py); its released config trains
+    # "paired-attn", here "pair-biattn", its best.
+    setting: Literal["pair", "pair-biattn", "triplet"] = "pair-biattn"
+
+
+@dataclass
+class SnliVeCfg:
+    train: TrainCfg = field(default_factory=TrainCfg)
+    max_text_len: int = num(60, ge=MIN_TEXT_LEN, why="UNITER: 60")
+
+
+@dataclass
+class RefcocoCfg:
+    train: TrainCfg = field(default_factory=TrainCfg)
+    max_text_len: int = num(60, ge=MIN_TEXT_LEN, why="UNITER: 60")
+
+
+@dataclass
 class RetrievalCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     # Oscar draws the negative from any other image (0.0). With p > 0 it is drawn, with that
@@ -467,6 +496,10 @@ class Recipe:
     itm: ItmCfg = field(default_factory=ItmCfg)
     vqa: VqaCfg = field(default_factory=VqaCfg)
     retrieval: RetrievalCfg = field(default_factory=RetrievalCfg)
+    gqa: GqaCfg = field(default_factory=GqaCfg)
+    nlvr2: Nlvr2Cfg = field(default_factory=Nlvr2Cfg)
+    snli_ve: SnliVeCfg = field(default_factory=SnliVeCfg)
+    refcoco: RefcocoCfg = field(default_factory=RefcocoCfg)
     captioning: CaptioningCfg = field(default_factory=CaptioningCfg)
     ablate: AblateCfg = field(default_factory=AblateCfg)
 

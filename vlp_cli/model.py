@@ -40,13 +40,16 @@ class HeadSpec:
         classifier: Linear(H, 2H), GELU, LayerNorm, Linear(2H, size)); on region states,
         "regions" (UNITER's region classifier: Linear(H, H), GELU, LayerNorm, Linear(H, size))
         or "features" (UNITER's feature regression: Linear(H, H), GELU, LayerNorm, then the
-        image embedding's feature Linear transposed (tied) plus a bias of `size` features).
+        image embedding's feature Linear transposed (tied) plus a bias of `size` features);
+        on two sequences at once (NLVR2's paired settings), "pair" (Linear(2H, size) on the
+        two pooled [CLS] side by side) or "pair_attn" (`PairAttnHead`).
     init: where a pre-trained text encoder may fill it from: "bert_mlm" (BERT's MLM head) or
         "bert_nsp" (BERT's next-sentence head, a 2-way classifier); "" = fresh.
     """
 
     name: str
-    kind: Literal["masked_tokens", "linear", "mlp", "regions", "features"]
+    kind: Literal["masked_tokens", "linear", "mlp", "regions", "features", "pair",
+                  "pair_attn"]
     size: int = 0
     init: str = ""
 
@@ -160,6 +163,42 @@ class MaskedTokenHead(nn.Module):
         return h @ word_embeddings.t() + self.bias
 
 
+class PairAttnHead(nn.Module):
+    """UNITER's NLVR2 "paired-attn" head over the states of two sequences (the statement with
+    each image): each side attends to the other (one multi-head attention per direction), each
+    position fuses its state with what it read (Linear(2H, H), GELU, dropout), an attention
+    pool (a GELU score per position, softmax over the valid ones) sums each side, and
+    Linear(2H, size) classifies the two sums side by side."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float, size: int):
+        super().__init__()
+        self.left_to_right = nn.MultiheadAttention(hidden, heads, dropout=dropout,
+                                                   batch_first=True)
+        self.right_to_left = nn.MultiheadAttention(hidden, heads, dropout=dropout,
+                                                   batch_first=True)
+        self.fuse = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Dropout(dropout))
+        self.pool_score = nn.Sequential(nn.Linear(hidden, 1), nn.GELU())
+        self.pool_dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(2 * hidden, size)
+
+    def pool(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        score = self.pool_score(x).squeeze(-1).float().masked_fill(~valid, -1e4)
+        weight = self.pool_dropout(score.softmax(-1)).to(x.dtype)  # [B, L]
+        return (weight.unsqueeze(1) @ x).squeeze(1)  # [B, H]
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor, left_valid: torch.Tensor,
+                right_valid: torch.Tensor) -> torch.Tensor:
+        # left, right [B, L, H]; *_valid [B, L] bool -> [B, size]
+        l2r, _ = self.left_to_right(left, right, right, key_padding_mask=~right_valid,
+                                    need_weights=False)
+        r2l, _ = self.right_to_left(right, left, left, key_padding_mask=~left_valid,
+                                    need_weights=False)
+        left = self.fuse(torch.cat([l2r, left], -1))
+        right = self.fuse(torch.cat([r2l, right], -1))
+        return self.out(torch.cat([self.pool(left, left_valid), self.pool(right, right_valid)],
+                                  -1))
+
+
 def build_head(spec: HeadSpec, bc: Any) -> nn.Module:
     """The module of one head spec (weights as `_init_weights` leaves them)."""
     h = bc.hidden_size
@@ -175,6 +214,10 @@ def build_head(spec: HeadSpec, bc: Any) -> nn.Module:
                              nn.LayerNorm(h, eps=bc.layer_norm_eps), nn.Linear(h, spec.size))
     if spec.kind == "features":  # UNITER's MRFR head uses GELU whatever BERT's activation
         return MaskedTokenHead(h, spec.size, "gelu", bc.layer_norm_eps)
+    if spec.kind == "pair":
+        return nn.Linear(2 * h, spec.size)
+    if spec.kind == "pair_attn":
+        return PairAttnHead(h, bc.num_attention_heads, bc.hidden_dropout_prob, spec.size)
     raise ValueError(f"unknown head kind {spec.kind!r}")
 
 
@@ -272,12 +315,16 @@ class VLPModel(nn.Module):
         img_mask: torch.Tensor,  # [B, R] bool
         attn_mask: torch.Tensor | None = None,  # [B, L, L] bool (query, key); None = full
         position_ids: torch.Tensor | None = None,  # [B, T]
+        img_type_ids: torch.Tensor | None = None,  # [B, R]; None = 1 for every region
     ) -> torch.Tensor:
-        """Contextual states of the joint sequence, [B, T + R, H]."""
+        """Contextual states of the joint sequence, [B, T + R, H]. Regions take token type 1,
+        or `img_type_ids` (UNITER's NLVR2 triplet: 1 for the first image, 2 for the second,
+        after `grow_type_vocab(3)`)."""
         text = self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
                                     position_ids=position_ids)  # [B, T, H]
         img_type = self.bert.embeddings.token_type_embeddings(
-            torch.ones_like(img_mask, dtype=torch.long))  # [B, R, H]
+            torch.ones_like(img_mask, dtype=torch.long) if img_type_ids is None
+            else img_type_ids)  # [B, R, H]
         img = self.img_embed(img_feats.to(text.dtype), img_pos.to(text.dtype), img_type)
         x = torch.cat([text, img], dim=1)  # [B, L, H]
         keys = torch.cat([text_mask, img_mask], dim=1).bool()  # [B, L]
@@ -345,6 +392,33 @@ class VLPModel(nn.Module):
     def cls_logits(self, head: str, hidden: torch.Tensor) -> torch.Tensor:
         """A classifier head on the pooled [CLS]: [B, size]."""
         return self.heads[head](self.pooled(hidden))
+
+    def pair_logits(self, head: str, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """A head over pairs of sequences, rows (2i, 2i + 1) the two of pair i (hidden
+        [2B, L, H], valid [2B, L] bool): "pair" reads the two pooled [CLS], "pair_attn" every
+        state. [B, size]."""
+        b2, length, h = hidden.shape
+        if isinstance(self.heads[head], PairAttnHead):
+            x, v = hidden.view(b2 // 2, 2, length, h), valid.view(b2 // 2, 2, length)
+            return self.heads[head](x[:, 0], x[:, 1], v[:, 0], v[:, 1])
+        return self.heads[head](self.pooled(hidden).reshape(b2 // 2, 2 * h))
+
+    def grow_type_vocab(self, n: int) -> VLPModel:
+        """At least `n` token types, each new row a copy of type 1 (UNITER's NLVR2 triplet
+        gives the second image type 2, starting from the image type); the config follows."""
+        emb = self.bert.embeddings.token_type_embeddings
+        have = emb.num_embeddings
+        if have >= n:
+            return self
+        grown = nn.Embedding(n, emb.embedding_dim).to(emb.weight.device, emb.weight.dtype)
+        with torch.no_grad():
+            grown.weight[:have] = emb.weight
+            grown.weight[have:] = emb.weight[min(1, have - 1)]
+        self.bert.embeddings.token_type_embeddings = grown
+        self.bert.config.type_vocab_size = n
+        self.bert_config.type_vocab_size = n
+        self.config = replace(self.config, bert={**self.config.bert, "type_vocab_size": n})
+        return self
 
     def with_heads(self, specs: list[HeadSpec], keep: bool = True,
                    seed: int | None = None) -> VLPModel:

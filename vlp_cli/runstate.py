@@ -19,6 +19,7 @@ Everything here is safetensors or JSON, checked against the manifest before it i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 
 from vlp_cli import VlpError, faults
+
+logger = logging.getLogger(__name__)
 
 STATE_DIR = "state"
 MANIFEST = "manifest.json"
@@ -416,3 +419,59 @@ def describe_state(directory: Path) -> dict:
 def list_states(out: Path) -> list[dict]:
     """The complete states of a run folder, newest first (for `vlp inspect CKPT`)."""
     return [{"step": step, "path": str(p)} for step, p in complete_states(out)]
+
+
+def restore(state: SavedState, accelerator: Any, task: torch.nn.Module, optimizer: Any,
+            scheduler: Any, meter: Any, streams: list, metrics_path: Path) -> int:
+    """Load a checked state into the prepared objects of a run (training.py: its TaskModule,
+    optimizer, scheduler, metric sums) and its data streams; returns the step."""
+    t = state.trainer
+    model = accelerator.unwrap_model(task).model
+    weights = state.tensors(WEIGHTS)
+    result = model.load_state_dict(weights, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise VlpError(f"--resume: {state.directory / WEIGHTS} does not fit this model "
+                       f"(missing {result.missing_keys[:2]}, unexpected "
+                       f"{result.unexpected_keys[:2]})")
+    try:
+        load_optimizer_state(optimizer, state.tensors(OPTIMIZER),
+                                      t["optimizer"])
+        scheduler.load_state_dict(dict(t["scheduler"]))
+        if accelerator.scaler is not None and t.get("scaler"):
+            accelerator.scaler.load_state_dict(t["scaler"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise VlpError(f"--resume: the optimizer state in {state.directory} does not fit this "
+                       f"run ({str(exc).splitlines()[0][:120]})") from None
+    step = int(t["step"])
+    positions = [tuple(p) for p in t.get("streams", [[t["epoch"], t["position"]]])]
+    if len(positions) != len(streams):
+        raise VlpError(f"--resume: {state.directory} was saved by a run of {len(positions)} "
+                       f"tasks, this one has {len(streams)}")
+    saved_world, world, rank = state.ranks(), accelerator.num_processes, accelerator.process_index
+    if saved_world == world:
+        rank_tensors = state.tensors(rank_name(rank, "safetensors"))
+        set_rng_state({k: v for k, v in rank_tensors.items()
+                                if not k.startswith("meter/")},
+                               state.json(rank_name(rank, "json")))
+        meter.load({k[6:]: v for k, v in rank_tensors.items() if k.startswith("meter/")},
+                   accelerator.device)
+    else:
+        # Other shards of the data, other RNG streams: continue, but not identically.
+        positions = [(e, p * saved_world // world) for e, p in positions]
+        logger.warning("resuming a %d-process run on %d processes: the data order and RNG "
+                       "streams change, so the result will differ from an uninterrupted run",
+                       saved_world, world)
+        from accelerate.utils import set_seed
+
+        set_seed(int(t.get("seed", 0)) + step * 1000 + rank)
+    for stream, (epoch, position) in zip(streams, positions):
+        stream.restore(int(epoch), int(position))
+    if accelerator.is_main_process and metrics_path.exists():
+        # Rows written after the save are replayed by this run: cut them, keep each step once.
+        keep = int(t.get("metrics_bytes", 0))
+        if metrics_path.stat().st_size > keep:
+            with metrics_path.open("rb+") as f:
+                f.truncate(keep)
+    logger.info("resumed %s at step %d (epoch %d, batch %d)", state.directory.parent.parent,
+                step, streams[0].epoch, streams[0].position)
+    return step

@@ -207,6 +207,8 @@ def train(
     resume_from: runstate.SavedState | None = None,
     description: str = "train",
     accelerator: Any | None = None,
+    best_key: str = "",
+    best_fn: Callable[[torch.nn.Module, int, float], None] | None = None,
 ) -> TrainResult:
     """Run `cfg.steps` optimiser steps over one or several tasks.
 
@@ -225,6 +227,10 @@ def train(
         resume_from: a checked state (runstate.check_resumable) to continue from.
         description: progress-bar label.
         accelerator: an existing Accelerator (tests, or a caller that already made one).
+        best_key, best_fn: after each held-out evaluation whose `best_key` statistic beats
+            every earlier one (higher is better), `best_fn(model, step, value)` runs on the
+            main process (fine-tuning keeps the best checkpoint beside the last one); the
+            best value so far is part of the saved state, so a resumed run compares with it.
     """
     from accelerate.utils import send_to_device, set_seed
 
@@ -285,15 +291,17 @@ def train(
 
     metrics_path = out_dir / METRICS
     meter, last, held = _Meter(), {}, {}
+    best: dict = {}  # {"step", "value"} of the best held-out `best_key` so far
     step = 0
     nonfinite = {"in_a_row": 0, "total": 0}
     if accelerator.is_main_process:
         runstate.clean_partial(out_dir)
     if resume_from is not None:
-        step = _restore(resume_from, accelerator, module, optimizer, scheduler, meter, streams,
-                        metrics_path)
+        step = runstate.restore(resume_from, accelerator, module, optimizer, scheduler, meter,
+                                streams, metrics_path)
         nonfinite = dict(resume_from.trainer.get("nonfinite", nonfinite))
         last, held = resume_from.trainer.get("last", {}), resume_from.trainer.get("held_out", {})
+        best = resume_from.trainer.get("best", best)
         if step > cfg.steps:
             raise VlpError(f"--resume: {out_dir} is at step {step}, past {cfg_key}.steps="
                            f"{cfg.steps}: pass --set {cfg_key}.steps=N with N >= {step} to "
@@ -319,7 +327,7 @@ def train(
                     "tasks": [t.name for t in tasks], "world_size": world,
                     "seed": seed, "scheduler": runstate.scheduler_state(scheduler),
                     "scaler": accelerator.scaler.state_dict() if accelerator.scaler else None,
-                    "nonfinite": nonfinite, "last": last, "held_out": held,
+                    "nonfinite": nonfinite, "last": last, "held_out": held, "best": best,
                     "metrics_bytes": metrics_path.stat().st_size if metrics_path.exists() else 0,
                     "identity": identity,
                 }
@@ -342,6 +350,13 @@ def train(
             record({"step": step, "split": "val", **held})
             logger.info("step %d held-out: %s", step,
                         ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
+        value = held.get(best_key)
+        if best_fn is not None and step > 0 and value is not None and np.isfinite(value) and \
+                (not best or value > best["value"]):
+            best.update(step=step, value=float(value))
+            if accelerator.is_main_process:
+                best_fn(accelerator.unwrap_model(module).model, step, float(value))
+            accelerator.wait_for_everyone()
         return held
 
     if cfg.eval_at_start and step == 0 and any(ev is not None for ev in eval_loaders):
@@ -440,59 +455,3 @@ def _nonfinite(count: dict, step: int, cfg: TrainCfg, cfg_key: str, out_dir: Pat
         raise VlpError(f"step {step}: the loss was not finite for {count['in_a_row']} steps in a "
                        f"row, so the run stopped ({good}); check the inputs with `vlp verify`, "
                        f"or start again into a new --out with a lower {cfg_key}.lr")
-
-
-def _restore(state: runstate.SavedState, accelerator: Any, task: torch.nn.Module,
-             optimizer: Any, scheduler: Any, meter: _Meter, streams: list[Stream],
-             metrics_path: Path) -> int:
-    """Load a checked state into the prepared objects and the streams; returns the step."""
-    t = state.trainer
-    model = accelerator.unwrap_model(task).model
-    weights = state.tensors(runstate.WEIGHTS)
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise VlpError(f"--resume: {state.directory / runstate.WEIGHTS} does not fit this model "
-                       f"(missing {result.missing_keys[:2]}, unexpected "
-                       f"{result.unexpected_keys[:2]})")
-    try:
-        runstate.load_optimizer_state(optimizer, state.tensors(runstate.OPTIMIZER),
-                                      t["optimizer"])
-        scheduler.load_state_dict(dict(t["scheduler"]))
-        if accelerator.scaler is not None and t.get("scaler"):
-            accelerator.scaler.load_state_dict(t["scaler"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise VlpError(f"--resume: the optimizer state in {state.directory} does not fit this "
-                       f"run ({str(exc).splitlines()[0][:120]})") from None
-    step = int(t["step"])
-    positions = [tuple(p) for p in t.get("streams", [[t["epoch"], t["position"]]])]
-    if len(positions) != len(streams):
-        raise VlpError(f"--resume: {state.directory} was saved by a run of {len(positions)} "
-                       f"tasks, this one has {len(streams)}")
-    saved_world, world, rank = state.ranks(), accelerator.num_processes, accelerator.process_index
-    if saved_world == world:
-        rank_tensors = state.tensors(runstate.rank_name(rank, "safetensors"))
-        runstate.set_rng_state({k: v for k, v in rank_tensors.items()
-                                if not k.startswith("meter/")},
-                               state.json(runstate.rank_name(rank, "json")))
-        meter.load({k[6:]: v for k, v in rank_tensors.items() if k.startswith("meter/")},
-                   accelerator.device)
-    else:
-        # Other shards of the data, other RNG streams: continue, but not identically.
-        positions = [(e, p * saved_world // world) for e, p in positions]
-        logger.warning("resuming a %d-process run on %d processes: the data order and RNG "
-                       "streams change, so the result will differ from an uninterrupted run",
-                       saved_world, world)
-        from accelerate.utils import set_seed
-
-        set_seed(int(t.get("seed", 0)) + step * 1000 + rank)
-    for stream, (epoch, position) in zip(streams, positions):
-        stream.restore(int(epoch), int(position))
-    if accelerator.is_main_process and metrics_path.exists():
-        # Rows written after the save are replayed by this run: cut them, keep each step once.
-        keep = int(t.get("metrics_bytes", 0))
-        if metrics_path.stat().st_size > keep:
-            with metrics_path.open("rb+") as f:
-                f.truncate(keep)
-    logger.info("resumed %s at step %d (epoch %d, batch %d)", state.directory.parent.parent,
-                step, streams[0].epoch, streams[0].position)
-    return step

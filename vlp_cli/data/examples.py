@@ -33,6 +33,7 @@ class ImageInput:
     classes: np.ndarray | None = None  # [R] the store's class id per region (-1: none)
     probs: np.ndarray | None = None  # [R, C] the detector's class distribution, when read
     whole_image: bool = False  # the first region is the whole image (no box, no class)
+    size: tuple[int, int] = (0, 0)  # the image's (width, height) in pixels, when known
 
 
 @dataclass
@@ -152,7 +153,7 @@ class ExampleBuilder:
             if probs is not None:
                 probs = np.concatenate([np.zeros((1, probs.shape[1]), probs.dtype), probs], 0)
         tags = [int(x) for x in r.class_ids if x >= 0] if c.use_tags else []
-        return ImageInput(feats, pos, tags, classes, probs, has_image)
+        return ImageInput(feats, pos, tags, classes, probs, has_image, (r.width, r.height))
 
     def image_sizes(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(regions, tag word pieces) that `regions` gives each image, as int arrays.

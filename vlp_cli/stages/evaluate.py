@@ -99,7 +99,9 @@ def _write(out: Path, result: dict, preds: list[dict], extra: dict) -> None:
             for p in preds:
                 f.write(json.dumps(p) + "\n")
         for name, content in extra.items():
-            (out / name).write_text(json.dumps(content), encoding="utf-8")
+            # JSON, or a data set's own text format (NLVR2's CSV) as it is
+            (out / name).write_text(content if isinstance(content, str) else
+                                    json.dumps(content), encoding="utf-8")
     except OSError as exc:
         # The folder was writable when the run started; keep the metrics an evaluation cost.
         from vlp_cli.console import out as stdout

@@ -26,6 +26,8 @@ from vlp_cli.training import TrainTask, train
 
 logger = logging.getLogger(__name__)
 
+BEST = "best"  # the sub-folder of the best held-out checkpoint
+
 
 def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Path,
         recipe: Recipe, resume: bool = False, auto_resume: bool = False) -> Path:
@@ -41,7 +43,7 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     if src_meta.get("task") not in (None, "pretrain", task.name):
         logger.warning("%s was fine-tuned for %s; fine-tuning it again for %s", checkpoint,
                        src_meta.get("task"), task.name)
-    identity = run_identity("finetune", task.name, recipe, [task.name], {
+    identity = run_identity("finetune", task.name, recipe, [task.key], {
         "corpus": c.meta.get("fingerprint"), "features": store.fingerprint,
         "init": checkpoint_fingerprint(checkpoint)})
     state = prepare_out(out, resume, identity, auto_resume)
@@ -52,6 +54,7 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     # (an answer vocabulary...) is the same; otherwise it starts fresh.
     model.with_heads(task.heads(ctx), keep=task.state_from_meta(src_meta) == task.state,
                      seed=recipe.seed)
+    task.adapt_model(model)
     apply_model_options(model, recipe)
     freeze_unused(model, [task])
     seed = recipe.seed
@@ -66,11 +69,19 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     def save(m: object, n: int) -> None:
         save_checkpoint(out, m, tok, {**meta, "step": n}, recipe)
 
+    def save_best(m: object, n: int, value: float) -> None:
+        # The checkpoint of the best held-out score so far, beside the last one in OUT.
+        save_checkpoint(Path(out) / BEST, m, tok, {**meta, "step": n, "best": {
+            "metric": f"val {task.select}", "value": value}}, recipe)
+        logger.info("step %d: best held-out %s so far (%.4f), saved in %s", n, task.select,
+                    value, Path(out) / BEST)
+
     logger.info("fine-tuning %s for %s on %d examples (%d held out), %d steps", checkpoint,
                 task.name, len(work.dataset), len(work.eval_dataset), cfg.steps)
     result = train(model, [work], cfg, out, seed=seed, identity=identity,
-                   cfg_key=f"{task.name}.train", save_fn=save, resume_from=state,
-                   description=task.name)
+                   cfg_key=f"{task.key}.train", save_fn=save, resume_from=state,
+                   description=task.name, best_key=task.select,
+                   best_fn=save_best if task.select else None)
     logger.info("fine-tuned %s in %.0fs; held-out %s", out, result.seconds,
                 ", ".join(f"{k} {v:.4f}" for k, v in result.held_out.items()))
     return Path(out)

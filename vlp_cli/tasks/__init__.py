@@ -8,7 +8,8 @@ in the recipes that use it. Nothing outside this folder names a task.
 from __future__ import annotations
 
 from vlp_cli import VlpError
-from vlp_cli.tasks import captioning, itm, mlm, mrc, mrckl, mrfr, oscar, retrieval, vqa
+from vlp_cli.tasks import (captioning, gqa, itm, mlm, mrc, mrckl, mrfr, nlvr2, oscar, refcoco,
+                           retrieval, snli_ve, vqa)
 from vlp_cli.tasks.base import Context, Stats, Step, Task
 
 TASKS: dict[str, Task] = {
@@ -21,6 +22,10 @@ TASKS: dict[str, Task] = {
     vqa.TASK.name: vqa.TASK,
     retrieval.TASK.name: retrieval.TASK,
     captioning.TASK.name: captioning.TASK,
+    gqa.TASK.name: gqa.TASK,
+    nlvr2.TASK.name: nlvr2.TASK,
+    snli_ve.TASK.name: snli_ve.TASK,
+    refcoco.TASK.name: refcoco.TASK,
 }
 
 

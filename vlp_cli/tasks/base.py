@@ -58,6 +58,9 @@ class Task:
     metrics: tuple[str, ...] = ()  # names `evaluate` returns (always among its keys)
     report: tuple[str, ...] = ()  # what `vlp report` shows of a result, in this order
     headline: str = ""  # the one metric that ranks runs (ablations); higher is better
+    # the held-out step statistic that picks the best checkpoint of a fine-tuning run
+    # (higher is better; OUT/best/ beside the last one); "" keeps the last only
+    select: str = ""
     uses_pooler: bool = True  # whether a step reads the pooled [CLS] (else it is frozen)
     recipe: Recipe  # set by `bind`
     state: dict  # set by `bind`: what `prepare` computed (or the checkpoint kept)
@@ -68,9 +71,14 @@ class Task:
         task.recipe, task.state = recipe, dict(state or {})
         return task
 
+    @property
+    def key(self) -> str:
+        """This task's recipe section key: its name, "-" spelt "_" (`snli_ve` for snli-ve)."""
+        return self.name.replace("-", "_")
+
     def section(self, recipe: Recipe) -> Any:
         """This task's recipe section: the dataclass of the same name in config.py."""
-        return getattr(recipe, self.name)
+        return getattr(recipe, self.key)
 
     def train_cfg(self, recipe: Recipe) -> TrainCfg:
         return self.section(recipe).train
@@ -86,6 +94,10 @@ class Task:
 
     def heads(self, ctx: Context) -> list[HeadSpec]:
         raise NotImplementedError
+
+    def adapt_model(self, model: VLPModel) -> None:
+        """Changes the task makes to the encoder before fine-tuning (NLVR2's triplet adds a
+        token type); they are saved with the checkpoint's config."""
 
     def legacy_heads(self, config: dict) -> list[tuple[str, HeadSpec]]:
         """(attribute, spec) of the heads a schema-1 model config (vlp <= 0.2) had for this
@@ -149,7 +161,8 @@ class Objective(Task):
 
 
 def encode(model: VLPModel, batch: dict) -> torch.Tensor:
-    return model(*(batch[k] for k in INPUTS), attn_mask=batch.get("attn_mask"))
+    return model(*(batch[k] for k in INPUTS), attn_mask=batch.get("attn_mask"),
+                 img_type_ids=batch.get("img_type_ids"))
 
 
 def mean_stat(value: torch.Tensor, n: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,6 +176,14 @@ def count_stat(correct: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tenso
     import torch
 
     return correct.detach().float(), torch.as_tensor(float(n), device=correct.device)
+
+
+def classified(loss: torch.Tensor, logits: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+    """A classification step's result: the loss, with its mean and the accuracy as stats."""
+    b = logits.shape[0]
+    acc = (logits.argmax(-1) == labels).sum()
+    return loss, {"loss": mean_stat(loss, b), "acc": count_stat(acc, b)}
 
 
 def masked_tokens(model: VLPModel, hidden: torch.Tensor, labels: torch.Tensor,
@@ -246,6 +267,38 @@ def sharded_map(accelerator: Any, dataset: Any, collate: Callable, fn: Callable,
             parts.append(rows.cpu())
             bar.advance(t, len(rows))
     return torch.cat(parts) if parts else torch.zeros(0)
+
+
+class TextImageDataset(TaskDataset):
+    """Examples of one text and one image: `[CLS] text [SEP] tags [SEP]` + regions, plus the
+    fields `fields(example, image)` adds (the targets of a classification task)."""
+
+    def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray,
+                 max_text_len: int, fields: Callable[[dict, Any], dict], seed: int = 0):
+        super().__init__(corpus, builder, indices, seed)
+        self.max_text_len = max_text_len
+        self.fields = fields
+
+    def __getitem__(self, i: int) -> dict:
+        idx = int(self.indices[i])
+        ex = self.corpus.get(idx)
+        img = self.builder.regions(ex["images"][0])
+        text = self.builder.text(ex["segments"][0], self.builder.tag_ids(img.tag_classes),
+                                 self.max_text_len)
+        return self.item(text, img, index=idx, **self.fields(ex, img))
+
+
+def predict(task: Task, ctx: Context, split: str, limit: int | None, accelerator: Any,
+            fn: Callable[[dict], torch.Tensor]) -> list[tuple[dict, Any]]:
+    """(example, fn's row) for the first `limit` examples of a split of the task's first kind,
+    `fn` (a batch -> [B] or [B, ...]) run over them split across processes."""
+    from vlp_cli.data.datasets import Collator
+
+    ds = task.dataset(ctx, split, 0)
+    ds.indices = ctx.corpus.require(task.kinds[0], split)[:limit]
+    out = sharded_map(accelerator, ds, Collator(ctx.builder.pad_id, task.collate), fn,
+                      task.train_cfg(task.recipe).batch_size * 2, f"{task.name} eval")
+    return [(ctx.corpus.get(i), row) for i, row in zip(ds.indices.tolist(), out.tolist())]
 
 
 def split_indices(corpus: Corpus, kind: str, split: str) -> np.ndarray:

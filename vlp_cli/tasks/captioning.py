@@ -39,6 +39,7 @@ class Captioning(Task):
     metrics = ("bleu4", "rouge_l", "cider", "images")
     report = ("bleu4", "meteor", "rouge_l", "cider", "images", "decoding")
     headline = "cider"
+    select = "mlm_acc"
     uses_pooler = False
     _sampler: Any = None  # the sampling generator, seeded once per bound task
     _reward: ScstReward | None = None  # SCST: made by `dataset`, read by `scst_step`

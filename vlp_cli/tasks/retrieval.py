@@ -121,6 +121,7 @@ class Retrieval(Task):
     report = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "images",
               "unique_caption_images", "split_images")
     headline = "rsum"
+    select = "match_acc"
 
     def heads(self, ctx: Context) -> list[HeadSpec]:
         from vlp_cli.model import HeadSpec

@@ -94,6 +94,7 @@ class Vqa(Task):
     metrics = ("vqa_accuracy", "questions")
     report = ("vqa_accuracy", "yes/no", "other", "questions")
     headline = "vqa_accuracy"
+    select = "vqa_score"
 
     def prepare(self, ctx: Context) -> dict:
         c = ctx.corpus
@@ -109,7 +110,7 @@ class Vqa(Task):
             answers = list(stored)
         else:
             answers = build_answer_vocab((c.get(int(i))["label"] for i in idx),
-                                         max_size=self.recipe.vqa.max_answers)
+                                         max_size=self.section(self.recipe).max_answers)
         warn_unscorable(c, answers, "test")
         return {"answers": answers}
 
@@ -122,7 +123,7 @@ class Vqa(Task):
     def heads(self, ctx: Context) -> list[HeadSpec]:
         from vlp_cli.model import HeadSpec
 
-        return [HeadSpec(self.name, self.recipe.vqa.classifier, len(self.state["answers"]))]
+        return [HeadSpec(self.name, self.section(self.recipe).classifier, len(self.state["answers"]))]
 
     def legacy_heads(self, config: dict) -> list[tuple[str, HeadSpec]]:
         from vlp_cli.model import HeadSpec
@@ -133,7 +134,7 @@ class Vqa(Task):
 
     def dataset(self, ctx: Context, split: str, seed: int) -> VqaDataset:
         idx = split_indices(ctx.corpus, KIND, split)
-        return VqaDataset(ctx.corpus, ctx.builder, idx, self.recipe.vqa.max_text_len,
+        return VqaDataset(ctx.corpus, ctx.builder, idx, self.section(self.recipe).max_text_len,
                           self.state["answers"], seed)
 
     def collate(self, items: list[dict], batch: dict) -> None:
@@ -168,7 +169,7 @@ class Vqa(Task):
         ds.indices = ctx.corpus.require(KIND, split)[:limit]
         top = sharded_map(accelerator, ds, Collator(ctx.builder.pad_id, self.collate),
                           lambda b: model.cls_logits(self.name, encode(model, b)).argmax(-1),
-                          self.recipe.vqa.train.batch_size * 2, "vqa eval")
+                          self.section(self.recipe).train.batch_size * 2, "vqa eval")
         preds: list[dict] = []
         for i, a in zip(ds.indices.tolist(), top.tolist()):
             ex = ctx.corpus.get(i)
@@ -236,7 +237,7 @@ class Vqa(Task):
         answers = self.state["answers"]
         items = [TaskDataset.item(builder.text(tokenizer(q, add_special_tokens=False).input_ids,
                                                builder.tag_ids(img.tag_classes),
-                                               self.recipe.vqa.max_text_len), img)
+                                               self.section(self.recipe).max_text_len), img)
                  for img, q in zip(images, questions)]
         model.eval()
         with torch.no_grad():

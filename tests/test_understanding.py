@@ -1,0 +1,202 @@
+"""NLVR2 (three settings), SNLI-VE, RefCOCO and GQA through the CLI, from corpora read from
+their released formats (conftest.write_task_sources); the official scores of result files on
+hand-checked cases; the best checkpoint kept beside the last."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, one_error_line, tiny_recipe_sets
+
+SETS = [a for x in tiny_recipe_sets() for a in ("--set", x)]
+
+
+@pytest.fixture(scope="module")
+def pretrained(task_data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pre") / "pre"
+    res = cli("pretrain", "recipes/tiny.yaml", "-c", task_data["corpus"], "-f",
+              task_data["features"], "-o", out, *SETS)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _finetune_and_evaluate(task: str, pretrained: Path, data: dict, out: Path,
+                           *extra: str) -> tuple[dict, Path]:
+    io_ = ["-c", data["corpus"], "-f", data["features"]]
+    res = cli("finetune", task, "-k", pretrained, *io_, "-o", out / "ft", *SETS, *extra)
+    assert res.exit_code == 0, res.output
+    res = cli("evaluate", task, "-k", out / "ft", *io_, "-o", out / "ev")
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "ev" / "metrics.json").read_text()), out / "ev"
+
+
+@pytest.mark.parametrize("setting", ["pair", "pair-biattn", "triplet"])
+def test_nlvr2_settings_finetune_evaluate_and_score_their_csv(
+        setting: str, pretrained: Path, task_data: dict, tmp_path: Path) -> None:
+    metrics, ev = _finetune_and_evaluate("nlvr2", pretrained, task_data, tmp_path, "--set",
+                                         f"nlvr2.setting={setting}")
+    assert metrics["pairs"] == 2 and 0 <= metrics["accuracy"] <= 100
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert config["heads"][0]["kind"] == {"pair": "pair", "pair-biattn": "pair_attn",
+                                          "triplet": "linear"}[setting]
+    assert config["bert"]["type_vocab_size"] == (3 if setting == "triplet" else 2)
+    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
+    assert meta["tasks"]["nlvr2"] == {"setting": setting}
+    csv = (ev / "nlvr2_predictions.csv").read_text().splitlines()
+    assert sorted(line.split(",")[0] for line in csv) == ["test1-10-0-0", "test1-11-0-1"]
+    res = cli("evaluate", "nlvr2", "--predictions", ev / "nlvr2_predictions.csv",
+              "--references", task_data["root"] / "nlvr2" / "test1.json", "-o", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    # The best held-out checkpoint sits beside the last one, a complete checkpoint.
+    best = json.loads((tmp_path / "ft" / "best" / "meta.json").read_text())
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["acc"]) for r in rows if r["split"] == "val" and r["step"] > 0]
+    top = max(v for _, v in val)
+    assert best["best"] == {"metric": "val acc", "value": pytest.approx(top)}
+    assert best["step"] == min(s for s, v in val if v == top)  # the first to reach it
+    assert cli("verify", tmp_path / "ft" / "best").exit_code == 0
+
+
+def test_nlvr2_accuracy_and_consistency_as_the_official_script(tmp_path: Path) -> None:
+    """Hand-checked: statement dev-1-*-0 has both pairs right, dev-1-*-1 one of two, dev-2-*-0
+    none of one: accuracy 3/5, consistency 1/3."""
+    lines = [("dev-1-0-0", "True", "True"), ("dev-1-1-0", "False", "False"),
+             ("dev-1-0-1", "True", "True"), ("dev-1-1-1", "True", "False"),
+             ("dev-2-0-0", "False", "True")]
+    (tmp_path / "dev.json").write_text("".join(json.dumps(
+        {"identifier": i, "sentence": "s", "label": lab, "left_url": "l"}) + "\n"
+        for i, lab, _ in lines))
+    (tmp_path / "pred.csv").write_text("".join(f"{i},{p}\n" for i, _, p in lines))
+    res = cli("evaluate", "nlvr2", "--predictions", tmp_path / "pred.csv", "--references",
+              tmp_path / "dev.json", "-o", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["accuracy"] == pytest.approx(60.0) and m["consistency"] == pytest.approx(100 / 3)
+    assert m["statements"] == 3
+    (tmp_path / "short.csv").write_text("dev-1-0-0,True\n")
+    err = one_error_line(cli("evaluate", "nlvr2", "--predictions", tmp_path / "short.csv",
+                             "--references", tmp_path / "dev.json", "-o", tmp_path / "t"))
+    assert "dev-1-1-0" in err
+
+
+def test_snli_ve_finetunes_evaluates_and_scores(pretrained: Path, task_data: dict,
+                                                tmp_path: Path) -> None:
+    metrics, ev = _finetune_and_evaluate("snli-ve", pretrained, task_data, tmp_path)
+    assert metrics["hypotheses"] == 3
+    rows = json.loads((ev / "snli_ve_results.json").read_text())
+    res = cli("evaluate", "snli-ve", "--predictions", ev / "snli_ve_results.json",
+              "--references", task_data["root"] / "snli_ve_test.jsonl", "-o", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    # Hand-checked: flip one prediction of three known-right ones.
+    gold = [json.loads(x) for x in (task_data["root"] / "snli_ve_test.jsonl").read_text()
+            .splitlines()]
+    rows = [{"pairID": g["pairID"], "gold_label": g["gold_label"]} for g in gold]
+    rows[0]["gold_label"] = "neutral" if gold[0]["gold_label"] != "neutral" else "entailment"
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    res = cli("evaluate", "snli-ve", "--predictions", tmp_path / "p.json", "--references",
+              task_data["root"] / "snli_ve_test.jsonl", "-o", tmp_path / "h")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "h" / "metrics.json").read_text())
+    assert m["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_refcoco_finetunes_evaluates_and_scores_by_iou(pretrained: Path, task_data: dict,
+                                                        tmp_path: Path) -> None:
+    metrics, ev = _finetune_and_evaluate("refcoco", pretrained, task_data, tmp_path)
+    # Test: refs 9 (testA), 10 (testB), 11 (testA), two sentences each; the store holds the
+    # ground-truth box among the regions, so the upper bound is 100.
+    assert metrics["sentences"] == 6 and metrics["upper_bound"] == pytest.approx(100.0)
+    assert {"accuracy_testA", "accuracy_testB"} <= set(metrics)
+    res = cli("evaluate", "refcoco", "--predictions", ev / "refcoco_results.json",
+              "--references", task_data["root"] / "refcoco" / "refs(unc).p", "-o",
+              tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+    # Hand-checked IoU: the true box, one shifted by half its width (IoU 1/3), one inside.
+    inst = json.loads((task_data["root"] / "refcoco" / "instances.json").read_text())
+    box = {a["id"]: a["bbox"] for a in inst["annotations"]}
+    x, y, w, h = box[109]
+    rows = [{"sent_id": 18, "box": [x, y, w, h]}, {"sent_id": 19, "box": [x + w / 2, y, w, h]}]
+    (tmp_path / "p.json").write_text(json.dumps(rows))
+    res = cli("evaluate", "refcoco", "--predictions", tmp_path / "p.json", "--references",
+              task_data["root"] / "refcoco" / "refs(unc).p", "-o", tmp_path / "h")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "h" / "metrics.json").read_text())
+    assert m["accuracy"] == pytest.approx(50.0) and m["sentences"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "h" / "predictions.jsonl").read_text()
+            .splitlines()]
+    assert [r["iou"] for r in rows] == pytest.approx([1.0, 1 / 3])
+
+
+def test_gqa_finetunes_and_writes_its_submission_format(pretrained: Path, task_data: dict,
+                                                        tmp_path: Path) -> None:
+    metrics, ev = _finetune_and_evaluate("gqa", pretrained, task_data, tmp_path)
+    rows = json.loads((ev / "gqa_results.json").read_text())
+    assert metrics["questions"] == len(rows) == 12
+    assert set(rows[0]) == {"questionId", "prediction"}
+
+
+def test_gqa_results_score_exact_match_per_structural_type(tmp_path: Path) -> None:
+    questions = {"1": {"question": "q", "imageId": "1", "answer": "yes",
+                       "types": {"structural": "verify"}},
+                 "2": {"question": "q", "imageId": "1", "answer": "left",
+                       "types": {"structural": "query"}},
+                 "3": {"question": "q", "imageId": "1", "answer": "no",
+                       "types": {"structural": "verify"}}}
+    (tmp_path / "val_balanced_questions.json").write_text(json.dumps(questions))
+    (tmp_path / "p.json").write_text(json.dumps([
+        {"questionId": "1", "prediction": "yes"}, {"questionId": "2", "prediction": "right"},
+        {"questionId": "3", "prediction": "yes"}]))
+    res = cli("evaluate", "gqa", "--predictions", tmp_path / "p.json", "--references",
+              tmp_path / "val_balanced_questions.json", "-o", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["accuracy"] == pytest.approx(100 / 3)
+    assert m["verify"] == pytest.approx(50.0) and m["query"] == pytest.approx(0.0)
+
+
+def test_pair_attention_head_ignores_padding_and_reads_both_sides() -> None:
+    from vlp_cli.model import HeadSpec, VLPModel
+
+    torch.manual_seed(0)
+    model = VLPModel.from_text_encoder("random:tiny", 16, [HeadSpec("p", "pair_attn", 2)],
+                                       vocab_size=100).eval()
+    h = model.bert_config.hidden_size
+    hidden = torch.randn(2, 6, h)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    a = model.pair_logits("p", hidden, valid)
+    noisy = hidden.clone()
+    noisy[1, 4:] = 100.0  # padding of the right side: must not matter
+    assert torch.allclose(a, model.pair_logits("p", noisy, valid), atol=1e-5)
+    changed = hidden.clone()
+    changed[1, 0] += 1.0  # a valid right position: must
+    assert not torch.allclose(a, model.pair_logits("p", changed, valid))
+
+
+def test_triplet_type_embedding_starts_as_the_image_type() -> None:
+    from vlp_cli.model import VLPModel
+
+    model = VLPModel.from_text_encoder("random:tiny", 16, [], vocab_size=100)
+    before = model.bert.embeddings.token_type_embeddings.weight.detach().clone()
+    model.grow_type_vocab(3)
+    after = model.bert.embeddings.token_type_embeddings.weight
+    assert after.shape[0] == 3 and model.config.bert["type_vocab_size"] == 3
+    assert torch.equal(after[:2], before) and torch.equal(after[2], before[1])
+
+
+def test_iou_of_boxes() -> None:
+    from vlp_cli.tasks.refcoco import iou_xyxy
+
+    got = iou_xyxy(np.array([[0, 0, 2, 2], [1, 0, 3, 2], [5, 5, 6, 6]]), np.array([0, 0, 2, 2]))
+    assert got == pytest.approx([1.0, 1 / 3, 0.0])
