@@ -67,7 +67,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def write_task_sources(root: Path, writer, rng: np.random.Generator, dim: int = 16) -> list[str]:
-    """NLVR2, SNLI-VE and RefCOCO files in their released formats about images it adds to a
+    """NLVR2, SNLI-VE, RefCOCO and VCR files in their released formats about images it adds to a
     feature store `writer`; returns the build-corpus sources (the refs pickle is written as
     the release wrote it, protocol 2)."""
     import pickle
@@ -110,7 +110,28 @@ def write_task_sources(root: Path, writer, rng: np.random.Generator, dim: int = 
     (root / "refcoco" / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
     (root / "refcoco" / "instances.json").write_text(json.dumps(
         {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "dog"}]}))
-    return [str(root / "nlvr2" / n) for n in ("train.json", "dev.json", "test1.json")] + \
+    # VCR's test file has no labels: labelled questions held out as 'test' come from a val
+    # file given as `test=...`.
+    vcr = {"train": [], "val": [], "heldout": []}
+    for k in range(10):
+        key = f"lsmdc_tiny/frame{k}@0.jpg"
+        writer.put(key, make_regions(rng, 4, dim, with_probs=True))  # MRC-kl's targets
+        choices = [[[0], "is", w, "."] for w in ("running", "sitting", "eating", "asleep")]
+        reasons = [["because", [1], "is", w, "."] for w in ("near", "far", "red", "gone")]
+        vcr["train" if k < 7 else "val" if k < 8 else "heldout"].append(
+            {"movie": "tiny", "objects": ["dog", "circle", "dog", "circle"],
+             "img_fn": key, "metadata_fn": key.replace(".jpg", ".json"),
+             "question": ["what", "is", [0, 2], "doing", "?"], "answer_choices": choices,
+             "answer_label": k % 4, "rationale_choices": reasons, "rationale_label": (k + 1) % 4,
+             "annot_id": f"{'train' if k < 7 else 'val'}-{k}", "img_id": f"x-{k}",
+             "question_number": 0})
+    (root / "vcr").mkdir()
+    for split, lines in vcr.items():
+        (root / "vcr" / f"{split}.jsonl").write_text("".join(json.dumps(x) + "\n"
+                                                           for x in lines))
+    return [str(root / "vcr" / "train.jsonl"), str(root / "vcr" / "val.jsonl"),
+            f"test={root / 'vcr' / 'heldout.jsonl'}"] + \
+        [str(root / "nlvr2" / n) for n in ("train.json", "dev.json", "test1.json")] + \
         [str(root / "snli_ve_train.jsonl"), str(root / "snli_ve_test.jsonl"),
          str(root / "refcoco" / "refs(unc).p")]
 
@@ -132,7 +153,7 @@ def tiny_recipe_sets() -> list[str]:
     sets += ["pretrain.tasks={oscar: 1}", "pretrain.corpora=[]",
              "pretrain.train.eval_at_start=false"]
     for task in ("pretrain", "vqa", "retrieval", "captioning", "gqa", "nlvr2", "snli_ve",
-                 "refcoco"):
+                 "refcoco", "vcr"):
         sets += [f"{task}.train.steps=3", f"{task}.train.batch_size=4",
                  f"{task}.train.warmup_steps=1", f"{task}.train.eval_every=2",
                  f"{task}.train.eval_batches=2", f"{task}.train.log_every=1"]

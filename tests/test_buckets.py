@@ -75,7 +75,7 @@ def test_ranks_take_distinct_batches_the_same_number_and_resume_mid_epoch() -> N
 
 # Tasks whose kinds only the task corpus has (readers of released formats); the others keep
 # the draws of the tiny corpus their bounds were checked on.
-RELEASED_ONLY = ("nlvr2", "snli-ve", "refcoco")
+RELEASED_ONLY = ("nlvr2", "snli-ve", "refcoco", "vcr")
 
 
 @pytest.fixture(scope="module")

@@ -200,3 +200,74 @@ def test_iou_of_boxes() -> None:
 
     got = iou_xyxy(np.array([[0, 0, 2, 2], [1, 0, 3, 2], [5, 5, 6, 6]]), np.array([0, 0, 2, 2]))
     assert got == pytest.approx([1.0, 1 / 3, 0.0])
+
+
+def test_vcr_reader_writes_region_references_as_named_objects(tmp_path: Path) -> None:
+    from vlp_cli.readers import reader_for, vcr
+
+    path = Path(__file__).parent / "fixtures" / "vcr" / "val.jsonl"
+    assert reader_for(str(path)) is vcr
+    exs = vcr.read(str(path), tmp_path)
+    assert [e["split"] for e in exs] == ["val", "val"]
+    first = exs[0]
+    assert first["images"] == ["lsmdc_1054_Harry_Potter_and_the_prisoner_of_azkaban/1054_Harry_"
+                               "Potter_and_the_prisoner_of_azkaban_00.01.46.736-00.01.50.168@0.jpg"]
+    assert first["texts"][1] == "What is person0 doing?"
+    assert first["texts"][2:6][2] == "person0 and person1 are dancing."
+    assert first["texts"][6 + 2] == "person0 is sitting on horse2 and holding its reins."
+    # The second-stage pre-training text: question, right answer, right rationale.
+    assert first["texts"][0] == ("What is person0 doing? person0 is riding the horse. person0 "
+                                 "is sitting on horse2 and holding its reins.")
+    assert first["label"] == {"answer": 0, "rationale": 2} and first["id"] == "val-0"
+    assert exs[1]["texts"][1] == "How do person0 and person1 know each other?"
+    bad = json.loads(path.read_text().splitlines()[0])
+    bad["question"] = ["What", "is", [7], "doing", "?"]
+    (tmp_path / "val.jsonl").write_text(json.dumps(bad) + "\n")
+    with pytest.raises(Exception, match=r"line 1 question: token \[7\]"):
+        vcr.read(str(tmp_path / "val.jsonl"), tmp_path)
+
+
+def test_vcr_finetunes_evaluates_and_scores(pretrained: Path, task_data: dict,
+                                            tmp_path: Path) -> None:
+    metrics, ev = _finetune_and_evaluate("vcr", pretrained, task_data, tmp_path)
+    assert metrics["questions"] == 2
+    rows = [json.loads(x) for x in (ev / "predictions.jsonl").read_text().splitlines()]
+    assert all(sum(r["answer_probs"]) == pytest.approx(1.0, abs=1e-4) for r in rows)
+    both = np.mean([r["answer_pred"] == r["answer"] and r["rationale_pred"] == r["rationale"]
+                    for r in rows])
+    assert metrics["q_ar"] == pytest.approx(100 * both)
+    res = cli("evaluate", "vcr", "--predictions", ev / "vcr_results.json", "--references",
+              task_data["root"] / "vcr" / "heldout.jsonl", "-o", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert {k: again[k] for k in ("q_a", "qa_r", "q_ar")} == \
+        {k: pytest.approx(metrics[k]) for k in ("q_a", "qa_r", "q_ar")}
+
+
+def test_vcr_scores_hand_checked(tmp_path: Path) -> None:
+    """val-0: answer right (0), rationale wrong; val-1: both right (1, 0)."""
+    path = Path(__file__).parent / "fixtures" / "vcr" / "val.jsonl"
+    (tmp_path / "p.json").write_text(json.dumps([
+        {"annot_id": "val-0", "answer_probs": [0.7, 0.1, 0.1, 0.1],
+         "rationale_probs": [0.4, 0.3, 0.2, 0.1]},
+        {"annot_id": "val-1", "answer_probs": [0.1, 0.6, 0.2, 0.1],
+         "rationale_probs": [0.5, 0.3, 0.1, 0.1]}]))
+    res = cli("evaluate", "vcr", "--predictions", tmp_path / "p.json", "--references", path,
+              "-o", tmp_path / "s")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert (m["q_a"], m["qa_r"], m["q_ar"]) == (100.0, 50.0, 50.0)
+
+
+def test_vcr_second_stage_pretraining_on_its_text(task_data: dict, tmp_path: Path) -> None:
+    """UNITER's second stage: the masked objectives read the VCR questions with their right
+    answer and rationale (kind "vcr")."""
+    res = cli("pretrain", "recipes/tiny.yaml", "-c", task_data["corpus"], "-f",
+              task_data["features"], "-o", tmp_path / "pre2", *SETS, "--set",
+              "pretrain.tasks={mlm: 1, mrfr: 1, mrckl: 1}", "--set", "mlm.text=[vcr]",
+              "--set", "mrfr.text=[vcr]", "--set", "mrckl.text=[vcr]")
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "pre2" / "metrics.jsonl").read_text()
+            .splitlines()]
+    held = [r for r in rows if r["split"] == "val"][-1]
+    assert {k.split("/")[0] for k in held if "/" in k} == {"mlm", "mrfr", "mrckl"}, held

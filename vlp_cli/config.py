@@ -385,6 +385,14 @@ class RefcocoCfg:
 
 
 @dataclass
+class VcrCfg:
+    train: TrainCfg = field(default_factory=TrainCfg)
+    # question + answer + rationale, with region references written out: longer than the
+    # other tasks' texts
+    max_text_len: int = num(200, ge=MIN_TEXT_LEN)
+
+
+@dataclass
 class RetrievalCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     # Oscar draws the negative from any other image (0.0). With p > 0 it is drawn, with that
@@ -500,6 +508,7 @@ class Recipe:
     nlvr2: Nlvr2Cfg = field(default_factory=Nlvr2Cfg)
     snli_ve: SnliVeCfg = field(default_factory=SnliVeCfg)
     refcoco: RefcocoCfg = field(default_factory=RefcocoCfg)
+    vcr: VcrCfg = field(default_factory=VcrCfg)
     captioning: CaptioningCfg = field(default_factory=CaptioningCfg)
     ablate: AblateCfg = field(default_factory=AblateCfg)
 

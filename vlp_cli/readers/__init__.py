@@ -12,14 +12,14 @@ from types import ModuleType
 
 from vlp_cli import VlpError
 from vlp_cli.readers import (caption_tsv, coco_captions, easyvqa, gqa, jsonl, karpathy,
-                             nlvr2, refcoco, scenes, snli_ve, vqa_v2)
+                             nlvr2, refcoco, scenes, snli_ve, vcr, vqa_v2)
 
 # In the order they are asked whether a source is theirs.
 READERS: dict[str, ModuleType] = {easyvqa.NAME: easyvqa, scenes.NAME: scenes,
                                   coco_captions.NAME: coco_captions, karpathy.NAME: karpathy,
                                   vqa_v2.NAME: vqa_v2, caption_tsv.NAME: caption_tsv,
                                   nlvr2.NAME: nlvr2, snli_ve.NAME: snli_ve, refcoco.NAME: refcoco,
-                                  gqa.NAME: gqa, jsonl.NAME: jsonl}
+                                  gqa.NAME: gqa, vcr.NAME: vcr, jsonl.NAME: jsonl}
 
 
 def reader_for(spec: str) -> ModuleType:

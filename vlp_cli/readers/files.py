@@ -30,3 +30,17 @@ def load_json(path: Path, what: str) -> Any:
     except json.JSONDecodeError as exc:
         raise VlpError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno})"
                        ) from None
+
+
+def first_line_has(spec: str, suffixes: tuple[str, ...], keys: set[str]) -> bool:
+    """Whether a JSON-lines source (by suffix) starts with an object holding `keys`: how
+    readers of generically named files (NLVR2's `dev.json`, VCR's `val.jsonl`) claim them."""
+    path = split_spec(spec)[1]
+    if path.suffix.lower() not in suffixes or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            first = json.loads(f.readline().decode("utf-8-sig"))
+    except (ValueError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(first, dict) and keys <= set(first)

@@ -19,11 +19,10 @@ The file is claimed by its content (a first line with "identifier", "sentence" a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from vlp_cli import VlpError
-from vlp_cli.readers.files import split_spec
+from vlp_cli.readers.files import first_line_has, split_spec
 from vlp_cli.readers.jsonl_lines import iter_jsonl
 
 NAME = "nlvr2"
@@ -33,15 +32,7 @@ _PREFIX = {"train": "train", "dev": "val", "test1": "test", "test2": "test"}
 
 
 def claims(spec: str) -> bool:
-    path = split_spec(spec)[1]
-    if path.suffix.lower() not in (".json", ".jsonl") or not path.is_file():
-        return False
-    try:
-        with path.open("rb") as f:
-            first = json.loads(f.readline().decode("utf-8-sig"))
-    except (ValueError, UnicodeDecodeError, OSError):
-        return False
-    return isinstance(first, dict) and {"identifier", "sentence", "left_url"} <= set(first)
+    return first_line_has(spec, (".json", ".jsonl"), {"identifier", "sentence", "left_url"})
 
 
 def image_keys(identifier: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vlp_cli import VlpError
 from vlp_cli.tasks import (captioning, gqa, itm, mlm, mrc, mrckl, mrfr, nlvr2, oscar, refcoco,
-                           retrieval, snli_ve, vqa)
+                           retrieval, snli_ve, vcr, vqa)
 from vlp_cli.tasks.base import Context, Stats, Step, Task
 
 TASKS: dict[str, Task] = {
@@ -26,6 +26,7 @@ TASKS: dict[str, Task] = {
     nlvr2.TASK.name: nlvr2.TASK,
     snli_ve.TASK.name: snli_ve.TASK,
     refcoco.TASK.name: refcoco.TASK,
+    vcr.TASK.name: vcr.TASK,
 }
 
 
