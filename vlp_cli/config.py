@@ -403,6 +403,30 @@ class RetrievalCfg:
     # images in the all-pairs evaluation (0: every unique-caption image)
     eval_images: int = num(1000, ge=0)
     eval_batch_size: int = num(256, ge=1)
+    # The training loss. "binary": Oscar's matched/unmatched classifier on [CLS] (one
+    # negative per caption). "ranking": UNITER's, a score per pair (Linear(H, 1) on [CLS]),
+    # sigmoid, hinge max(0, margin + s(neg) - s(pos)) over negatives: per caption
+    # `sampled_negatives` other images and as many other captions are scored with the current
+    # model (no gradient, every step) and the `hard_negatives` hardest of each kind are
+    # trained on (UNITER: 399 sampled, 31 kept; hard_negatives >= sampled_negatives trains on
+    # all of them, UNITER's plain ranking).
+    loss: Literal["binary", "ranking"] = "binary"
+    margin: float = num(0.2, gt=0, why="UNITER: 0.2")
+    sampled_negatives: int = num(15, ge=1, why="UNITER: 399")
+    hard_negatives: int = num(3, ge=1, why="UNITER: 31")
+    # A dual-encoder head trained alongside (LAVIS's shortlist: image-text contrastive on
+    # the [CLS] of text alone and of tags + regions alone, in-batch negatives); weight 0: none.
+    itc_weight: float = num(0.0, ge=0)
+    itc_dim: int = num(128, ge=1)
+    itc_temperature: float = num(0.05, gt=0)
+    # Evaluation. "full": the cross-encoder on every pair. "fast": the dual encoder
+    # shortlists `shortlist` candidates per query (both ways) and the cross-encoder re-scores
+    # only those; needs itc_weight > 0 in fine-tuning. "both": each, on the same images.
+    eval_mode: Literal["full", "fast", "both"] = "full"
+    shortlist: int = num(16, ge=1)
+    # Also the mean over `folds` equal folds of the evaluated images (COCO 1K: 5 folds of
+    # the 5K test images); 0 or 1: none.
+    folds: int = num(0, ge=0)
 
 
 @dataclass
