@@ -414,3 +414,19 @@ def test_decode_bench_is_well_formed() -> None:
     assert r["name"] == "decode" and r["identical_captions"] and len(r["ratios"]) == 1
     assert r["ratio"] > 0 and set(r["parts"]) == {"batch 4", "batch 1 (reported)"}
     assert 1 <= r["longest_caption"] <= 4
+
+
+@pytest.mark.slow
+def test_retrieval_eval_bench_is_well_formed() -> None:
+    """Both evaluations of one fine-tuned model on 1,000 text queries (about 2 minutes)."""
+    from vlp_cli.benches.retrieval_eval import bench_retrieval_eval
+
+    r = bench_retrieval_eval()
+    assert r["queries"] == {"text_to_image": 1000, "image_to_text": 200}
+    assert r["passes"]["full"] == 200 * 1000
+    assert r["passes"]["fast_cross"] < r["passes"]["full"] / 5
+    assert r["ratio"] == pytest.approx(r["passes"]["full"] / r["passes"]["fast_cross"], rel=1e-2)
+    for d in ("i2t", "t2i"):
+        assert r["r1_delta_fast_minus_full"][d] == pytest.approx(
+            r["fast"][f"{d}_r1"] - r["full"][f"{d}_r1"], abs=0.02)
+    assert r["full"]["t2i_r10"] > 30  # the model learnt something: chance is 5

@@ -701,7 +701,8 @@ def ablate(
 @_friendly
 def bench(
     name: Annotated[str, typer.Argument(help="pipeline | extract | store-read | extract-memory "
-                                              "| padding | collate | train-step | ipot | all")],
+                                              "| padding | collate | train-step | ipot | decode "
+                                              "| retrieval-eval | all")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results here.")]
     = None,
     reps: Annotated[int, typer.Option(help="Measured repetitions (after one warm-up).")] = 5,

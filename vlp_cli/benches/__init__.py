@@ -15,6 +15,7 @@ from vlp_cli.benches.ipot import bench_ipot
 from vlp_cli.benches.memory import bench_extract_memory
 from vlp_cli.benches.padding import bench_padding
 from vlp_cli.benches.pipeline import bench_pipeline
+from vlp_cli.benches.retrieval_eval import bench_retrieval_eval
 from vlp_cli.benches.store_read import bench_store_read
 from vlp_cli.benches.train_step import bench_train_step
 
@@ -28,4 +29,5 @@ BENCHES: dict[str, Callable[..., dict]] = {
     "train-step": bench_train_step,
     "ipot": bench_ipot,
     "decode": bench_decode,
+    "retrieval-eval": bench_retrieval_eval,
 }

@@ -47,6 +47,12 @@ def run(name: str, reps: int = 5) -> dict:
                     if wp:
                         out.print(f"    reading the class distribution too (MRC-kl): ratio "
                                   f"{wp['ratio']} per-rep {wp['ratios']}")
+            if "r1_delta_fast_minus_full" in r:  # retrieval-eval: what the shortlist costs
+                out.print(f"  R@1 full {r['full']['i2t_r1']} / {r['full']['t2i_r1']}, fast "
+                          f"{r['fast']['i2t_r1']} / {r['fast']['t2i_r1']} (image->text / "
+                          f"text->image); fast - full {r['r1_delta_fast_minus_full']} (target "
+                          f"{r['r1_target']}); time full / fast {r['time_ratio']}; queries "
+                          f"{r['queries']}")
             for kind, e in (r.get("emd2") or {}).items():  # ipot: agreement with the exact OT
                 out.print(f"  emd2 {kind}: max relative error {e['max_rel_err']} (target <= "
                           f"{e['target']}, {'met' if e['met'] else 'MISSED'}), median "
