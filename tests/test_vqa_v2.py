@@ -110,3 +110,37 @@ def test_finetune_and_evaluate_from_the_official_files(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     again = json.loads(res.stdout[res.stdout.index("{"):])
     assert again["vqa_accuracy"] == pytest.approx(got["vqa_accuracy"])
+
+
+def test_image_keys_of_a_store_imported_from_oscar_tsvs(tmp_path: Path) -> None:
+    """Oscar's and VinVL's COCO TSVs key images by the bare image id: `corpus.image_keys`
+    maps the official file names onto them; a field that does not exist is one line."""
+    from vlp_cli.stores.features import FeatureStoreWriter
+
+    rng = np.random.default_rng(0)
+    w = FeatureStoreWriter(tmp_path / "features", {"extractor": {"name": "oscar-tsv"},
+                                                   "feature_dim": 16, "labels": ["a", "b"]})
+    for image_id in (458752, 262146, 524291):
+        w.put(str(image_id), make_regions(rng, 4, 16))
+    w.close()
+    s = [a for x in tiny_recipe_sets() for a in ("--set", x)]
+    args = ["build-corpus", f"train={QUESTIONS}", "--features", tmp_path / "features", *s]
+    res = run(*args, "--out", tmp_path / "plain")
+    assert "corpus.image_keys" in one_error_line(res)
+    res = run(*args, "--out", tmp_path / "c", "--set", "corpus.image_keys={id}")
+    assert "quote it" in one_error_line(res)  # YAML reads {id} as a mapping
+    res = run(*args, "--out", tmp_path / "c", "--set", 'corpus.image_keys="{id}"')
+    assert res.exit_code == 0, res.output
+    from vlp_cli.stores.corpus import Corpus
+
+    c = Corpus(tmp_path / "c")
+    assert sorted({c.get(int(i))["images"][0] for i in range(len(c))}) == \
+        ["262146", "458752", "524291"]
+    res = run(*args, "--out", tmp_path / "bad", "--set", 'corpus.image_keys="{name}.npz"')
+    assert "'{name}.npz'" in one_error_line(res) and "{lower}" in res.output
+    from vlp_cli.readers.files import store_key
+
+    assert store_key("COCO_val2014_000000391895.jpg", "{lower}.npz", "x") == \
+        "coco_val2014_000000391895.npz"
+    assert store_key("dev-850-0-img0.png", "nlvr2_{stem}.npz", "x") == "nlvr2_dev-850-0-img0.npz"
+    assert store_key("COCO_val2014_000000391895.jpg", "{id:012d}", "x") == "000000391895"

@@ -198,6 +198,14 @@ class CorpusCfg:
     # example); 0 keeps every train image for training.
     val_fraction: float = num(0.1, ge=0, lt=1, why="1 would leave no training images")
     seed: int = num(0, ge=0, le=2**32 - 1)
+    # The feature-store key of each image, from the key its reader gives (the data set's own
+    # file name, readers/): a Python format string over {key} (as the reader gives it),
+    # {stem} (without its extension), {lower} (the stem in lower case) and {id} (the number
+    # that ends the stem, an integer: {id:012d}). For stores imported from released features:
+    # Oscar / VinVL TSVs of COCO "{id}"; UNITER's npz of COCO "{lower}.npz", of NLVR2
+    # "nlvr2_{stem}.npz", of Flickr30K "flickr30k_{stem}.npz". On the command line, quote
+    # the braces for YAML: --set 'corpus.image_keys="{id}"'.
+    image_keys: str = "{key}"
 
 
 @dataclass
@@ -608,7 +616,9 @@ def _convert(value: Any, tp: Any, where: str, source: str) -> Any:
         return value
     if tp is Any:
         return value
-    raise VlpError(f"{source}: '{where}' must be {_type_name(tp)}, got {value!r}")
+    hint = (f" (YAML read the braces as a mapping: quote it, --set {where}='\"...\"')"
+            if tp is str and isinstance(value, dict) else "")
+    raise VlpError(f"{source}: '{where}' must be {_type_name(tp)}, got {value!r}{hint}")
 
 
 def _build(cls: type, data: dict, prefix: str, source: str) -> Any:

@@ -44,3 +44,24 @@ def first_line_has(spec: str, suffixes: tuple[str, ...], keys: set[str]) -> bool
     except (ValueError, UnicodeDecodeError, OSError):
         return False
     return isinstance(first, dict) and keys <= set(first)
+
+
+def store_key(key: str, template: str, where: str) -> str:
+    """An image's feature-store key under `corpus.image_keys` (config.CorpusCfg)."""
+    import re
+
+    if template == "{key}":
+        return key
+    stem = key.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    digits = re.search(r"(\d+)$", stem)
+    fields = {"key": key, "stem": stem, "lower": stem.lower()}
+    try:
+        if "{id" in template:
+            if digits is None:
+                raise VlpError(f"{where}: image {key!r} has no number at the end of its name "
+                               f"for {{id}} in corpus.image_keys {template!r}")
+            fields["id"] = int(digits.group(1))
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise VlpError(f"corpus.image_keys {template!r}: {exc!s} is not a field; use {{key}}, "
+                       "{stem}, {lower} or {id}") from None

@@ -17,6 +17,7 @@ from vlp_cli.checkpoint import load_tokenizer, tokenizer_identity
 from vlp_cli.config import CorpusCfg, Recipe, save_recipe
 from vlp_cli.console import progress
 from vlp_cli.readers import reader_for
+from vlp_cli.readers.files import store_key
 from vlp_cli.stores.corpus import CorpusWriter
 from vlp_cli.stores.features import FeatureStore
 
@@ -98,13 +99,20 @@ def _build(sources: list[str], store: FeatureStore, tok: object, writer: CorpusW
         if not examples:
             raise VlpError("--exclude dropped every example: the sources hold only images of "
                            "the excluded splits")
+    if cfg.image_keys != "{key}":  # stores imported from released features name images so
+        for e in examples:
+            where = e.get("where", e.get("source", "source"))
+            e["images"] = [store_key(k, cfg.image_keys, where) for k in e["images"]]
     keys = set(store.keys())
     missing = [e for e in examples if any(k not in keys for k in e["images"])]
     if missing:
         first = missing[0]
         image = next(k for k in first["images"] if k not in keys)
         msg = (f"{len(missing)} examples name images absent from {features}; first: "
-               f"{first.get('where', first.get('source', ''))} image {image!r}")
+               f"{first.get('where', first.get('source', ''))} image {image!r}"
+               + ("" if cfg.image_keys != "{key}" else
+                  " (a store imported from released features may name images otherwise: "
+                  "see corpus.image_keys)"))
         if not skip_missing:
             raise VlpError(msg + " (extract their features, or pass --skip-missing)")
         logger.warning(msg + "; skipped")
