@@ -114,3 +114,23 @@ def test_evaluating_does_not_change_what_is_trained(tiny_data: dict, tmp_path: P
     assert runs[1].keys() == runs[0].keys()
     for k in runs[0]:
         assert (runs[1][k] == runs[0][k]).all(), k
+
+
+def test_head_lr_mult_gives_the_heads_their_own_learning_rate() -> None:
+    """UNITER's VQA head learns 10x faster; without a multiplier the optimizer keeps the two
+    groups (decay, no decay) that earlier versions saved, so their states resume."""
+    from vlp_cli.config import TrainCfg
+    from vlp_cli.model import HeadSpec, VLPModel
+    from vlp_cli.training import _optimizer
+
+    model = VLPModel.from_text_encoder("random:tiny", 16, [HeadSpec("vqa", "mlp", 5)],
+                                       vocab_size=100)
+    plain = _optimizer(model, TrainCfg(lr=1e-4))
+    assert [g["lr"] for g in plain.param_groups] == [1e-4, 1e-4]
+    opt = _optimizer(model, TrainCfg(lr=1e-4, head_lr_mult=10))
+    heads = {id(p) for p in model.heads.parameters()}
+    for g in opt.param_groups:
+        inside = {id(p) in heads for p in g["params"]}
+        assert len(inside) == 1  # a group is all heads or none
+        assert g["lr"] == pytest.approx(1e-3 if inside.pop() else 1e-4)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))

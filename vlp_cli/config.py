@@ -80,6 +80,8 @@ class TrainCfg:
     steps: int = num(1000, ge=1, why="optimiser steps")
     batch_size: int = num(32, ge=1, why="examples per process per step")
     lr: float = num(5e-5, gt=0)
+    # the task heads' learning rate, as a multiple of `lr` (UNITER's VQA: 10)
+    head_lr_mult: float = num(1.0, gt=0)
     warmup_steps: int = num(100, ge=0)
     weight_decay: float = num(0.01, ge=0)
     betas: tuple[float, float] = num((0.9, 0.999), ge=0, lt=1)

@@ -83,15 +83,20 @@ def _sampler(task: TrainTask, cfg: TrainCfg, seed: int, rank: int, world: int,
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        # BERT practice: no weight decay on biases and LayerNorm weights.
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        # BERT practice: no weight decay on biases and LayerNorm weights; UNITER's task heads
+        # learn `head_lr_mult` times faster.
+        # (With no multiplier, the two groups of earlier versions, whose saved states resume.)
+        key = (p.ndim < 2 or "norm" in name.lower(),
+               cfg.head_lr_mult != 1.0 and name.startswith("heads."))
+        groups.setdefault(key, []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay,
+          "lr": cfg.lr * (cfg.head_lr_mult if head else 1.0)}
+         for (no_decay, head), ps in sorted(groups.items())], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def _schedule(cfg: TrainCfg) -> Callable[[int], float]:
