@@ -116,9 +116,13 @@ def test_refcoco_finetunes_evaluates_and_scores_by_iou(pretrained: Path, task_da
     # ground-truth box among the regions, so the upper bound is 100.
     assert metrics["sentences"] == 6 and metrics["upper_bound"] == pytest.approx(100.0)
     assert {"accuracy_testA", "accuracy_testB"} <= set(metrics)
+    refs = task_data["root"] / "refcoco" / "refs(unc).p"
+    # The whole refs file holds train and val sentences too: a test results file is partial.
     res = cli("evaluate", "refcoco", "--predictions", ev / "refcoco_results.json",
-              "--references", task_data["root"] / "refcoco" / "refs(unc).p", "-o",
-              tmp_path / "s")
+              "--references", refs, "-o", tmp_path / "s0")
+    assert "test=refs(unc).p" in one_error_line(res)
+    res = cli("evaluate", "refcoco", "--predictions", ev / "refcoco_results.json",
+              "--references", f"test={refs}", "-o", tmp_path / "s")
     assert res.exit_code == 0, res.output
     again = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
@@ -127,15 +131,18 @@ def test_refcoco_finetunes_evaluates_and_scores_by_iou(pretrained: Path, task_da
     box = {a["id"]: a["bbox"] for a in inst["annotations"]}
     x, y, w, h = box[109]
     rows = [{"sent_id": 18, "box": [x, y, w, h]}, {"sent_id": 19, "box": [x + w / 2, y, w, h]}]
+    rows += [{"sent_id": 2 * k + j, "box": box[100 + k]} for k in (10, 11) for j in (0, 1)]
     (tmp_path / "p.json").write_text(json.dumps(rows))
     res = cli("evaluate", "refcoco", "--predictions", tmp_path / "p.json", "--references",
-              task_data["root"] / "refcoco" / "refs(unc).p", "-o", tmp_path / "h")
+              f"test={refs}", "-o", tmp_path / "h")
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "h" / "metrics.json").read_text())
-    assert m["accuracy"] == pytest.approx(50.0) and m["sentences"] == 2
+    assert m["accuracy"] == pytest.approx(500 / 6) and m["sentences"] == 6
+    assert m["accuracy_testB"] == pytest.approx(100.0) and m["accuracy_testA"] == \
+        pytest.approx(75.0)
     rows = [json.loads(x) for x in (tmp_path / "h" / "predictions.jsonl").read_text()
             .splitlines()]
-    assert [r["iou"] for r in rows] == pytest.approx([1.0, 1 / 3])
+    assert [r["iou"] for r in rows] == pytest.approx([1.0, 1 / 3, 1.0, 1.0, 1.0, 1.0])
 
 
 def test_gqa_finetunes_and_writes_its_submission_format(pretrained: Path, task_data: dict,
@@ -271,3 +278,33 @@ def test_vcr_second_stage_pretraining_on_its_text(task_data: dict, tmp_path: Pat
             .splitlines()]
     held = [r for r in rows if r["split"] == "val"][-1]
     assert {k.split("/")[0] for k in held if "/" in k} == {"mlm", "mrfr", "mrckl"}, held
+
+
+def test_mistakes_in_scoring_and_settings_are_one_line(task_data: dict, tmp_path: Path) -> None:
+    """What a new user tried (a review of this session's tasks): each is one clear line."""
+    root = task_data["root"]
+    (tmp_path / "p.csv").write_text("test1-10-0-0,1\ntest1-11-0-1,0\n")
+    err = one_error_line(cli("evaluate", "nlvr2", "--predictions", tmp_path / "p.csv",
+                             "--references", root / "nlvr2" / "test1.json", "-o", tmp_path / "a"))
+    assert "line 1" in err and "True" in err
+    (tmp_path / "p.json").write_text("[]")
+    err = one_error_line(cli("evaluate", "nlvr2", "--predictions", tmp_path / "p.json",
+                             "--references", root / "nlvr2" / "test1.json", "-o", tmp_path / "b"))
+    assert "JSON" in err and "CSV" in err
+    err = one_error_line(cli("evaluate", "refcoco", "--predictions", tmp_path / "p.json",
+                             "--references", root / "refcoco" / "instances.json", "-o",
+                             tmp_path / "c"))
+    assert "refs(unc).p" in err
+    unlabelled = [json.loads(x) for x in (root / "vcr" / "val.jsonl").read_text().splitlines()]
+    for q in unlabelled:
+        q.pop("answer_label"), q.pop("rationale_label")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in unlabelled))
+    (tmp_path / "v.json").write_text(json.dumps([{"annot_id": "val-7", "answer_probs": [1, 0, 0, 0],
+                                                  "rationale_probs": [1, 0, 0, 0]}]))
+    err = one_error_line(cli("evaluate", "vcr", "--predictions", tmp_path / "v.json",
+                             "--references", tmp_path / "test.jsonl", "-o", tmp_path / "d"))
+    assert "no labels" in err
+    err = one_error_line(cli("build-corpus", str(root / "data.jsonl"), "--features",
+                             task_data["features"], "--out", tmp_path / "e", "--set",
+                             "corpus.image_keys={lower}.npz"))
+    assert "not valid YAML" in err and "quote" in err

@@ -705,7 +705,12 @@ def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> 
         if "=" not in item:
             raise VlpError(f"{source} {item!r}: expected KEY=VALUE, e.g. pretrain.train.lr=1e-4")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            what = str(getattr(exc, "problem", "") or exc).splitlines()[0]
+            raise VlpError(f"{source} {item!r}: the value is not valid YAML ({what}); quote "
+                           f"it: --set {key.strip()}='\"...\"'") from None
         node = data
         # A key that moved is set under its new name: --set wins over the recipe file.
         parts = moved_key(key.strip()).split(".")

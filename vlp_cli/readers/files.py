@@ -62,6 +62,9 @@ def store_key(key: str, template: str, where: str) -> str:
                                f"for {{id}} in corpus.image_keys {template!r}")
             fields["id"] = int(digits.group(1))
         return template.format(**fields)
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError) as exc:
         raise VlpError(f"corpus.image_keys {template!r}: {exc!s} is not a field; use {{key}}, "
                        "{stem}, {lower} or {id}") from None
+    except ValueError as exc:
+        raise VlpError(f"corpus.image_keys {template!r}: not a format string ({exc}); e.g. "
+                       "\"{id}\" or \"{lower}.npz\"") from None

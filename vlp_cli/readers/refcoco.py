@@ -57,8 +57,12 @@ def load_refs(path: Path) -> list:
     """The refs list of a refs(*).p file, read with the restricted unpickler."""
     if not path.is_file():
         raise VlpError(f"source {path} not found")
+    data = path.read_bytes()
+    if data[:1] in (b"{", b"["):
+        raise VlpError(f"source {path}: a JSON file, not a refs pickle: give the refs(unc).p "
+                       "file (instances.json is read from beside it)")
     try:
-        refs = _ContainersOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        refs = _ContainersOnly(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as exc:
         raise VlpError(f"source {path}: refused, {exc}: a refs file holds only lists, dicts, "
                        "strings and numbers (nothing in it was run)") from None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     import torch
 
     from vlp_cli.model import HeadSpec, VLPModel
+
+logger = logging.getLogger(__name__)
 
 KIND = "nlvr2"
 RESULTS_FILE = "nlvr2_predictions.csv"
@@ -169,6 +172,10 @@ class Nlvr2(Task):
 
     def evaluate(self, ctx: Context, model: VLPModel, split: str, limit: int | None,
                  accelerator: Any) -> tuple[dict, list[dict]]:
+        if self.recipe.nlvr2.setting != self.state["setting"]:
+            logger.warning("nlvr2.setting %s is not this checkpoint's: it was fine-tuned as %s, "
+                           "and is evaluated so", self.recipe.nlvr2.setting,
+                           self.state["setting"])
         rows = []
         for ex, p in predict(self, ctx, split, limit, accelerator,
                              lambda b: self.logits(model, b).argmax(-1)):
@@ -190,17 +197,23 @@ class Nlvr2(Task):
             text = predictions.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise VlpError(f"--predictions {predictions}: cannot be read ({exc})") from None
+        if text.lstrip()[:1] in ("[", "{"):
+            raise VlpError(f"--predictions {predictions}: a JSON file; NLVR2 results are the "
+                           "official CSV, one 'identifier,True|False' per line")
         preds = {}
         for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
             if not row:
                 continue
-            if len(row) < 2:
+            if len(row) < 2 or row[1].strip().lower() not in ("true", "false"):
                 raise VlpError(f"--predictions {predictions} line {n}: expected "
-                               "'identifier,prediction'")
+                               "'identifier,True' or 'identifier,False'")
             preds[row[0].strip()] = row[1].strip()
         rows = []
         for where, rec in iter_jsonl(references, "--references", require="identifier"):
             ident = rec["identifier"]
+            if rec.get("label") not in ("True", "False"):
+                raise VlpError(f"{where}: no 'label' True / False (an unlabelled file cannot be "
+                               "scored)")
             if ident not in preds:
                 raise VlpError(f"--predictions {predictions}: no prediction for {ident!r} of "
                                f"{references}; answer every statement of the file")

@@ -161,11 +161,18 @@ class Refcoco(Task):
             raise VlpError(f"--predictions {predictions}: expected a list of {{\"sent_id\", "
                            "\"box\": [x, y, w, h]}")
         boxes = {d["sent_id"]: d["box"] for d in data}
-        refs = [e for e in refcoco.read(str(references), references.parent)
-                if e["id"] in boxes]
-        if not refs:
-            raise VlpError(f"--predictions {predictions}: none of its sent_ids is in "
-                           f"{references}")
+        refs = refcoco.read(str(references), references.parent)
+        known = {e["id"] for e in refs}
+        stray = [k for k in boxes if k not in known]
+        if stray:
+            raise VlpError(f"--predictions {predictions}: {len(stray)} sent_ids are not in "
+                           f"{references} (first: {stray[0]}); score against the refs file "
+                           "they came from")
+        missing = [e["id"] for e in refs if e["id"] not in boxes]
+        if missing:
+            raise VlpError(f"--predictions {predictions}: no box for {len(missing)} sentences "
+                           f"of {references} (first: sent_id {missing[0]}); answer them all, "
+                           "or score one split: --references 'test=refs(unc).p'")
         rows = []
         for e in refs:
             iou = float(iou_xyxy(xywh_to_xyxy(boxes[e["id"]]), xywh_to_xyxy(e["label"]["box"]))[0])

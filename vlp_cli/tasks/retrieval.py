@@ -264,6 +264,10 @@ class Retrieval(Task):
             logger.info("retrieval on %s: %d of %d images have captions no other image "
                         "shares; scoring %d of them x their captions, all pairs", split, unique,
                         total, n)
+        if cfg.folds > 1 and n < 2 * cfg.folds:
+            raise VlpError(f"retrieval.folds={cfg.folds} over {n} images leaves folds of under "
+                           f"2 images; lower it, or evaluate more images (retrieval.eval_images"
+                           f"=0 takes all {unique})")
         texts = [t for caps in captions for t in caps]
         text_to_image = np.array([i for i, caps in enumerate(captions) for _ in caps])
         images = [ctx.builder.regions(k) for k in keys]
@@ -291,6 +295,11 @@ class Retrieval(Task):
             part.update({k: v for k, v in t2i.items() if k.startswith("t2i")})
             part["rsum"] = sum(part.values())
             prefix = "fast_" if scores is not None else ""
+            if cfg.folds > 1:  # each direction's folds from its own re-scored matrix
+                fa = fast.fold_recalls(a, text_to_image, cfg.folds)
+                fb = fast.fold_recalls(b, text_to_image, cfg.folds)
+                part.update({k: v for k, v in fa.items() if "i2t" in k or k == "fold_images"})
+                part.update({k: v for k, v in fb.items() if "t2i" in k})
             metrics.update({prefix + k: v for k, v in part.items()})
             metrics.update({prefix + k: v for k, v in got.items()})
             if scores is None:

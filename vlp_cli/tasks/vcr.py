@@ -192,6 +192,9 @@ class Vcr(Task):
         preds = {d["annot_id"]: d for d in data}
         rows = []
         for e in vcr.read(str(references), references.parent):
+            if min(e["label"].values()) < 0:
+                raise VlpError(f"--references {references}: question {e['id']} has no labels "
+                               "(VCR's test file): score against the val file")
             d = preds.get(e["id"])
             if d is None:
                 raise VlpError(f"--predictions {predictions}: no probabilities for "
