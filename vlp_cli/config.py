@@ -184,6 +184,9 @@ class DataCfg:
     image_region: bool = True  # prepend the whole-image region (no tag) when the store has one
     pos_kind: Literal["uniter7", "oscar6"] = "uniter7"
     use_tags: bool = True
+    # A text-only model for baselines: every region's features and position are zeros and no
+    # tags are read (the regions' count is kept, so region-scoring heads keep their candidates).
+    blank_regions: bool = False
 
     def problems(self, k: Key) -> Iterator[str]:
         if self.min_boxes > self.max_boxes:
@@ -363,6 +366,11 @@ class VqaCfg:
     classifier: Literal["linear", "mlp"] = "mlp"
     # answers kept: the most frequent of the train and val examples (VQA v2 practice: 3,129)
     max_answers: int = num(3129, ge=1)
+    # Resampling of the train questions by their most common answer: each question drawn with
+    # weight count(answer)^-answer_balance (0: as they come, 0.5: square-root balancing, 1: every
+    # answer equally often). Neither Oscar nor UNITER does it (0 by default); it helps where a
+    # few answers dominate (easy-VQA: 74% yes/no, colour 13%).
+    answer_balance: float = num(0.0, ge=0.0, le=1.0)
 
 
 @dataclass

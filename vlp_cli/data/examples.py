@@ -153,6 +153,8 @@ class ExampleBuilder:
             if probs is not None:
                 probs = np.concatenate([np.zeros((1, probs.shape[1]), probs.dtype), probs], 0)
         tags = [int(x) for x in r.class_ids if x >= 0] if c.use_tags else []
+        if c.blank_regions:  # the text-only baseline: nothing of the image but its box count
+            feats, pos, tags = np.zeros_like(feats), np.zeros_like(pos), []
         return ImageInput(feats, pos, tags, classes, probs, has_image, (r.width, r.height))
 
     def image_sizes(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -76,6 +76,22 @@ def load_refs(path: Path) -> list:
     return refs
 
 
+def write_refs(refs: list, path: Path) -> None:
+    """Write a refs list as the release did (a protocol-2 pickle), for data written in this
+    format (vlp export-scenes); only builtin values, so that the file names no class and
+    `load_refs` reads it back."""
+    def plain(x: Any) -> bool:
+        if isinstance(x, (list, tuple)):
+            return all(plain(v) for v in x)
+        if isinstance(x, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in x.items())
+        return x is None or type(x) in (str, int, float, bool)
+
+    if not plain(refs):
+        raise ValueError("a refs file holds only lists, dicts, strings and numbers")
+    path.write_bytes(pickle.dumps(refs, protocol=2))
+
+
 def claims(spec: str) -> bool:
     return bool(_NAME.search(split_spec(spec)[1].name))
 

@@ -6,6 +6,7 @@ this stage opens the input, draws the progress bar and reports what happened.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -79,4 +80,32 @@ def export_features(store: Path, fmt: str, out: Path) -> Path:
         info = export_store(fs, fmt, out, advance=lambda n: bar.advance(task, n))
     logger.info("%s: %d images in Oscar's layout (%s); Oscar's --img_feature_dim is %d", out,
                 info["images"], ", ".join(info["files"]), info["img_feature_dim"])
+    return out
+
+
+def export_scenes(spec: str, out: Path) -> Path:
+    """The scene set `spec` written in the standard data sets' formats into the new directory
+    `out` (readers/scenes_formats.py): written aside, then renamed, so a kill leaves no half set."""
+    import shutil
+
+    from vlp_cli import VlpError
+    from vlp_cli.readers import scenes as scene_reader
+    from vlp_cli.readers import scenes_formats as formats
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise VlpError(f"--out {out} already exists and is not empty; give a new folder")
+    counts = scene_reader.counts(spec)
+    work = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    logger.info("writing %d train + %d test scenes in six data sets' formats", counts["train"],
+                counts["test"])
+    sources = formats.write(spec, work)
+    if out.exists():
+        out.rmdir()
+    work.rename(out)
+    text = json.dumps(sources).replace(str(work), str(out))
+    (out / "sources.json").write_text(text)
+    logger.info("%s: %s; build-corpus sources and references per data set in sources.json",
+                out, ", ".join(sources))
     return out

@@ -84,7 +84,9 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, recipe: 
     model.to(accelerator.device).eval()
     ctx = Context(recipe, c, ExampleBuilder(tok, store, recipe.data), tok)
     metrics, preds = task.evaluate(ctx, model, split, limit, accelerator)
-    result = {"task": task.name, "split": split, "checkpoint": str(checkpoint), **metrics}
+    result = {"task": task.name, "split": split, "checkpoint": str(checkpoint),
+              # a text-only baseline (data.blank_regions) says so: `vlp report` compares
+              "inputs": "text only" if recipe.data.blank_regions else "regions", **metrics}
     if accelerator.is_main_process:
         _write(out, result, preds, task.result_files(preds))
     accelerator.wait_for_everyone()

@@ -36,6 +36,36 @@ def collect(run_dir: Path) -> tuple[list[dict], list[dict], dict]:
     return evals, captions, notes
 
 
+LEARNING_MARGIN = 15.0  # points over the higher baseline for a task to count as learning
+
+
+def learning_rows(evals: list[dict]) -> list[dict]:
+    """Per task with a model's evaluation and at least one baseline: the headline metric of
+    the model, of the majority-class results file scored by `evaluate --predictions`, and of
+    the text-only model (`inputs: text only`), the margin over the higher baseline and
+    whether it is at least LEARNING_MARGIN."""
+    from vlp_cli.tasks import TASKS
+
+    rows = []
+    for name in dict.fromkeys(e["task"] for e in evals):
+        task = TASKS.get(name)
+        if task is None:
+            continue
+        mine = [e for e in evals if e["task"] == name]
+        value = next((e.get(task.headline) for e in mine if "checkpoint" in e
+                      and e.get("inputs", "regions") == "regions"), None)
+        majority = next((e.get(task.headline) for e in mine if "predictions" in e), None)
+        text = next((e.get(task.headline) for e in mine if e.get("inputs") == "text only"),
+                    None)
+        if value is None or (majority is None and text is None):
+            continue
+        base = max(b for b in (majority, text) if b is not None)
+        rows.append({"task": name, "metric": task.headline, "value": value,
+                     "majority": majority, "text_only": text, "margin": value - base,
+                     "learning": value - base >= LEARNING_MARGIN})
+    return rows
+
+
 def pretraining_curves(run_dir: Path) -> dict[str, list[dict]]:
     """The held-out rows of each pre-training run under run_dir (folder name -> rows)."""
     curves = {}
@@ -80,6 +110,19 @@ def show(run_dir: Path) -> None:
                           f"{v:.2f}" if isinstance(v, float) else str(v))
     if evals:
         out.print(table)
+    learning = learning_rows(evals)
+    if learning:
+        lt = Table(title=f"does each task learn? (model vs the higher baseline; learning: "
+                         f"+{LEARNING_MARGIN:g} points or more)")
+        for col in ("task", "metric", "value", "majority class", "text only", "margin",
+                    "learning"):
+            lt.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        for r in learning:
+            lt.add_row(r["task"], r["metric"], *(f"{r[k]:.2f}" if r[k] is not None else "-"
+                                                 for k in ("value", "majority", "text_only",
+                                                           "margin")),
+                       {True: "yes", False: "NO"}.get(r["learning"], "-"))
+        out.print(lt)
     if captions:
         ct = Table(title="generated captions vs references")
         ct.add_column("image")

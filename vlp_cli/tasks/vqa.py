@@ -74,6 +74,25 @@ class VqaDataset(TaskDataset):
                          vqa_scores=[s for _, s in kept], index=int(self.indices[i]))
 
 
+def answer_balanced(corpus: Corpus, idx: np.ndarray, power: float, seed: int) -> np.ndarray:
+    """`idx` resampled (as many, with replacement, fixed by `seed`) so that a question whose most
+    common answer is `a` comes with weight count(a)^-power: an epoch of the usual length whose
+    answers are flattened. Fixed by the seed, so a resumed run draws the same epoch."""
+    from collections import Counter
+
+    top = {}
+    for i in idx.tolist():
+        scores = vqa_target_scores(corpus.get(i)["label"])
+        top[i] = max(scores, key=scores.get) if scores else ""
+    count = Counter(top.values())
+    w = np.array([count[top[i]] ** -power for i in idx.tolist()], dtype=np.float64)
+    out = np.random.default_rng(seed).choice(idx, size=len(idx), replace=True, p=w / w.sum())
+    drawn = Counter(top[i] for i in out.tolist()).most_common(4)
+    logger.info("answer_balance %.2f: %d train questions resampled; most drawn: %s", power,
+                len(out), ", ".join(f"{a} {100 * n / len(out):.1f}%" for a, n in drawn))
+    return out
+
+
 def warn_unscorable(corpus: Corpus, answers: list[str], split: str) -> int:
     """Count (and log) questions of `split` none of whose answers is in the vocabulary:
     whatever the model answers, they score 0."""
@@ -134,6 +153,9 @@ class Vqa(Task):
 
     def dataset(self, ctx: Context, split: str, seed: int) -> VqaDataset:
         idx = split_indices(ctx.corpus, KIND, split)
+        power = self.section(self.recipe).answer_balance
+        if split == "train" and power > 0:
+            idx = answer_balanced(ctx.corpus, idx, power, seed)
         return VqaDataset(ctx.corpus, ctx.builder, idx, self.section(self.recipe).max_text_len,
                           self.state["answers"], seed)
 
