@@ -101,23 +101,23 @@ TF := --features $(TASKS_DIR)/features --recipe $(TASKS_RECIPE)
 # $(1) task, $(2) its corpus, $(3) the majority results file, $(4) its references,
 # $(5) evaluate's extra options
 define TASK_RUNS
-	test -f $(TASKS_DIR)/$(1)/model.safetensors || $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/$(2) $(TF) --auto-resume --out $(TASKS_DIR)/$(1)
-	test -f $(TASKS_DIR)/eval/$(1)/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1) --corpus $(TASKS_DIR)/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)
-	test -f $(TASKS_DIR)/$(1)-text-only/model.safetensors || $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/$(2) $(TF) --set data.blank_regions=true --auto-resume --out $(TASKS_DIR)/$(1)-text-only
-	test -f $(TASKS_DIR)/eval/$(1)-text-only/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1)-text-only --corpus $(TASKS_DIR)/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)-text-only
+	test -f $(TASKS_DIR)/$(1)/model.safetensors || $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/corpora/$(2) $(TF) --auto-resume --out $(TASKS_DIR)/$(1)
+	test -f $(TASKS_DIR)/eval/$(1)/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1) --corpus $(TASKS_DIR)/corpora/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)
+	test -f $(TASKS_DIR)/$(1)-text-only/model.safetensors || $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/corpora/$(2) $(TF) --set data.blank_regions=true --auto-resume --out $(TASKS_DIR)/$(1)-text-only
+	test -f $(TASKS_DIR)/eval/$(1)-text-only/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1)-text-only --corpus $(TASKS_DIR)/corpora/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)-text-only
 	test -f $(TASKS_DIR)/eval/$(1)-majority/metrics.json || $(VLP) evaluate $(1) --predictions $(TD)/majority/$(3) --references '$(4)' --out $(TASKS_DIR)/eval/$(1)-majority
 endef
 demo-tasks: install
 	@mkdir -p $(TASKS_DIR)
 	test -f $(TD)/sources.json || $(VLP) export-scenes $(TASKS_SCENES) --out $(TD)
 	$(VLP) extract-features $(TD)/images --boxes $(TD)/boxes.jsonl --out $(TASKS_DIR)/features --recipe $(TASKS_RECIPE)
-	test -f $(TASKS_DIR)/captions/data.mdb || $(VLP) build-corpus $(TD)/coco/captions_train2014.json test=$(TD)/coco/captions_val2014.json $(TF) --out $(TASKS_DIR)/captions
-	test -f $(TASKS_DIR)/vqa-v2/data.mdb || $(VLP) build-corpus $(TD)/vqa/v2_OpenEnded_mscoco_train2014_questions.json test=$(TD)/vqa/v2_OpenEnded_mscoco_val2014_questions.json $(TF) --set 'corpus.image_keys="{id}.jpg"' --out $(TASKS_DIR)/vqa-v2
-	test -f $(TASKS_DIR)/gqa/data.mdb || $(VLP) build-corpus $(TD)/gqa/train_balanced_questions.json $(TD)/gqa/testdev_balanced_questions.json $(TF) --out $(TASKS_DIR)/gqa
-	test -f $(TASKS_DIR)/nlvr2/data.mdb || $(VLP) build-corpus $(TD)/nlvr2/train.json $(TD)/nlvr2/test1.json $(TF) --out $(TASKS_DIR)/nlvr2
-	test -f $(TASKS_DIR)/snli-ve/data.mdb || $(VLP) build-corpus $(TD)/snli_ve/snli_ve_train.jsonl $(TD)/snli_ve/snli_ve_test.jsonl $(TF) --out $(TASKS_DIR)/snli-ve
-	test -f $(TASKS_DIR)/refcoco/data.mdb || $(VLP) build-corpus '$(TD)/refcoco/refs(unc).p' $(TF) --out $(TASKS_DIR)/refcoco
-	test -f $(TASKS_DIR)/pretrained/model.safetensors || $(VLP) pretrain $(TASKS_RECIPE) --corpus $(TASKS_DIR)/captions --features $(TASKS_DIR)/features --auto-resume --out $(TASKS_DIR)/pretrained
+	test -f $(TASKS_DIR)/corpora/captions/data.mdb || $(VLP) build-corpus $(TD)/coco/captions_train2014.json test=$(TD)/coco/captions_val2014.json $(TF) --out $(TASKS_DIR)/corpora/captions
+	test -f $(TASKS_DIR)/corpora/vqa-v2/data.mdb || $(VLP) build-corpus $(TD)/vqa/v2_OpenEnded_mscoco_train2014_questions.json test=$(TD)/vqa/v2_OpenEnded_mscoco_val2014_questions.json $(TF) --set 'corpus.image_keys="{id}.jpg"' --out $(TASKS_DIR)/corpora/vqa-v2
+	test -f $(TASKS_DIR)/corpora/gqa/data.mdb || $(VLP) build-corpus $(TD)/gqa/train_balanced_questions.json $(TD)/gqa/testdev_balanced_questions.json $(TF) --out $(TASKS_DIR)/corpora/gqa
+	test -f $(TASKS_DIR)/corpora/nlvr2/data.mdb || $(VLP) build-corpus $(TD)/nlvr2/train.json $(TD)/nlvr2/test1.json $(TF) --out $(TASKS_DIR)/corpora/nlvr2
+	test -f $(TASKS_DIR)/corpora/snli-ve/data.mdb || $(VLP) build-corpus $(TD)/snli_ve/snli_ve_train.jsonl $(TD)/snli_ve/snli_ve_test.jsonl $(TF) --out $(TASKS_DIR)/corpora/snli-ve
+	test -f $(TASKS_DIR)/corpora/refcoco/data.mdb || $(VLP) build-corpus '$(TD)/refcoco/refs(unc).p' $(TF) --out $(TASKS_DIR)/corpora/refcoco
+	test -f $(TASKS_DIR)/pretrained/model.safetensors || $(VLP) pretrain $(TASKS_RECIPE) --corpus $(TASKS_DIR)/corpora/captions --features $(TASKS_DIR)/features --auto-resume --out $(TASKS_DIR)/pretrained
 	$(call TASK_RUNS,vqa,vqa-v2,vqa_results.json,$(TD)/vqa/v2_mscoco_val2014_annotations.json)
 	$(call TASK_RUNS,gqa,gqa,gqa_results.json,$(TD)/gqa/testdev_balanced_questions.json)
 	$(call TASK_RUNS,nlvr2,nlvr2,nlvr2_predictions.csv,$(TD)/nlvr2/test1.json)

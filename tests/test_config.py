@@ -82,3 +82,17 @@ def test_moved_keys_are_read_under_their_new_names_and_set_wins() -> None:
     with pytest.raises(VlpError, match="'pretrain.mask_prob' .* and 'oscar.mask_prob' .* "
                                        "disagree"):
         load_recipe(None, [], base={"pretrain": {"mask_prob": 0.1}, "oscar": {"mask_prob": 0.2}})
+
+
+def test_a_bad_set_is_blamed_on_set_not_on_the_recipe_file() -> None:
+    """--set errors name --set (over the recipe they change); the file's own errors name it."""
+    from vlp_cli import VlpError
+    from vlp_cli.config import load_recipe
+
+    with pytest.raises(VlpError, match=r"^--set \(over tiny\): unknown key 'vqa.train.stepz'"):
+        load_recipe("tiny", ["vqa.train.stepz=3"])
+    with pytest.raises(VlpError, match=r"^--set \(over recipe\): 'vqa.train.steps' must be"):
+        load_recipe(None, ["vqa.train.steps=0"], base={})
+    with pytest.raises(VlpError, match=r"^stored.yaml: unknown key"):
+        load_recipe(None, ["vqa.train.steps=3"], base={"vqa": {"bogus": 1}},
+                    source="stored.yaml")

@@ -424,3 +424,22 @@ def test_spice_is_reported_skipped_with_its_reason(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(metrics, "_run_spice", lambda gts, res: 0.215)
     java = caption_metrics(_TOY_PREDS, _TOY_REFS, use_java=True)
     assert java.scores["spice"] == pytest.approx(21.5) and java.spice_skipped is None
+
+
+def test_answer_balance_flattens_the_answers_and_is_fixed_by_the_seed() -> None:
+    """vqa.answer_balance: weight count(answer)^-p per question; 1 draws each answer equally
+    often, 0.5 by the square root of its count; the same seed draws the same epoch."""
+    from collections import Counter
+
+    from vlp_cli.tasks.vqa import answer_balanced
+
+    labels = ["yes"] * 900 + ["red"] * 90 + ["blue"] * 10
+    corpus = type("C", (), {"get": lambda self, i: {"label": [labels[i]] * 10}})()
+    idx = np.arange(len(labels))
+    drawn = answer_balanced(corpus, idx, 1.0, seed=3)
+    assert len(drawn) == len(idx) and np.array_equal(drawn, answer_balanced(corpus, idx, 1.0, 3))
+    share = Counter(labels[i] for i in drawn)
+    assert all(abs(share[a] / len(drawn) - 1 / 3) < 0.05 for a in ("yes", "red", "blue"))
+    half = Counter(labels[i] for i in answer_balanced(corpus, idx, 0.5, seed=3))
+    # square roots 30 : 9.5 : 3.2 of 42.6
+    assert abs(half["yes"] / 1000 - 30 / 42.6) < 0.05 and abs(half["blue"] / 1000 - 3.2 / 42.6) < 0.03

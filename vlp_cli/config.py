@@ -788,10 +788,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None,
     """
     data = load_recipe_data(path) if path is not None else copy.deepcopy(base or {})
     source = source or (str(path) if path is not None else "recipe")
-    if overrides:
-        # Moved keys of the file first, then --set (under the new names): --set wins.
-        data = apply_overrides(_migrate(data, source), list(overrides))
-    return recipe_from_dict(data, source)
+    if not overrides:
+        return recipe_from_dict(data, source)
+    # Moved keys of the file first, then --set (under the new names): --set wins.
+    merged = apply_overrides(_migrate(copy.deepcopy(data), source), list(overrides))
+    try:
+        return recipe_from_dict(merged, source)
+    except VlpError as exc:
+        try:  # the file alone is sound: the fault is in --set, so say so
+            recipe_from_dict(data, source)
+        except VlpError:
+            raise exc from None
+        msg = str(exc)
+        if msg.startswith(f"{source}:"):
+            msg = f"--set (over {source}):" + msg[len(source) + 1:]
+        raise VlpError(msg) from None
 
 
 # What a default does that a user may not expect, said with it.

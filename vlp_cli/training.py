@@ -351,7 +351,7 @@ def train(
             if ev is not None:
                 held.update(_prefixed(evaluate_stats(module, ev, accelerator, cfg.eval_batches,
                                                      i), t.name, mixed))
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and held:  # nothing held out: nothing to say
             record({"step": step, "split": "val", **held})
             logger.info("step %d held-out: %s", step,
                         ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
