@@ -57,6 +57,29 @@ def test_bad_files_are_reported_and_skipped(tmp_path: Path) -> None:
         extract.run(str(imgs), tmp_path / "g", _grid_recipe(), strict=True)
 
 
+def test_fine_stride_appends_the_finer_map_and_keeps_the_rest(tmp_path: Path) -> None:
+    """extract.fine_stride: the stride-8 map's 40 channels after the same 1280; the store
+    says so, and an extractor rebuilt from its metadata makes the same features."""
+    from vlp_cli.extractors.pipeline import Extractor
+    from vlp_cli.stages import extract
+
+    imgs = _easy_vqa_folder(tmp_path, 3)
+    plain = _grid_recipe()
+    plain.extract.fine_stride = 0
+    extract.run(str(imgs), tmp_path / "plain", plain)
+    fine = _grid_recipe()
+    fine.extract.fine_stride = 8
+    extract.run(str(imgs), tmp_path / "fine", fine)
+    a, b = FeatureStore(tmp_path / "plain"), FeatureStore(tmp_path / "fine")
+    assert (a.feature_dim, b.feature_dim) == (1280, 1320)
+    assert a.fingerprint != b.fingerprint
+    ra, rb = a.get("d0/0.png"), b.get("d0/0.png")
+    np.testing.assert_array_equal(rb.features[:, :1280], ra.features)
+    assert np.abs(rb.features[:, 1280:].astype(np.float32)).sum() > 0
+    np.testing.assert_array_equal(rb.image_feature[:1280], ra.image_feature)
+    assert Extractor.from_meta(b.meta).backbone.feature_dim == 1320
+
+
 def test_killed_extraction_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
     imgs = _easy_vqa_folder(tmp_path, 60)
     out = tmp_path / "f"

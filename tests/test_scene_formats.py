@@ -113,6 +113,11 @@ def test_blank_regions_leaves_the_box_count_and_nothing_else() -> None:
     assert len(blank.feats) == len(seen.feats) == 3 and seen.tag_classes
     assert seen.feats.any() and seen.pos.any()
     assert not blank.feats.any() and not blank.pos.any() and blank.tag_classes == []
+    # a text-only model's chosen region is still scored against the true box (RefCOCO)
+    from vlp_cli.tasks.refcoco import region_ious
+    assert np.allclose(blank.corners, boxes / 64)
+    assert region_ious(blank, [0, 0, 10, 10]) == region_ious(seen, [0, 0, 10, 10])
+    assert region_ious(blank, [0, 0, 10, 10])[0] == 1.0
 
 
 @pytest.mark.slow

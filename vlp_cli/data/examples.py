@@ -34,6 +34,9 @@ class ImageInput:
     probs: np.ndarray | None = None  # [R, C] the detector's class distribution, when read
     whole_image: bool = False  # the first region is the whole image (no box, no class)
     size: tuple[int, int] = (0, 0)  # the image's (width, height) in pixels, when known
+    # [R, 4] each region's corners over the image size, as `pos` holds them; kept when the
+    # regions are blanked (`data.blank_regions`), so a text-only model's boxes still score
+    corners: np.ndarray | None = None
 
 
 @dataclass
@@ -153,9 +156,11 @@ class ExampleBuilder:
             if probs is not None:
                 probs = np.concatenate([np.zeros((1, probs.shape[1]), probs.dtype), probs], 0)
         tags = [int(x) for x in r.class_ids if x >= 0] if c.use_tags else []
+        corners = pos[:, :4]
         if c.blank_regions:  # the text-only baseline: nothing of the image but its box count
             feats, pos, tags = np.zeros_like(feats), np.zeros_like(pos), []
-        return ImageInput(feats, pos, tags, classes, probs, has_image, (r.width, r.height))
+        return ImageInput(feats, pos, tags, classes, probs, has_image, (r.width, r.height),
+                          corners)
 
     def image_sizes(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(regions, tag word pieces) that `regions` gives each image, as int arrays.

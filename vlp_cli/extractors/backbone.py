@@ -78,23 +78,55 @@ class BackboneInfo:
 class Backbone(torch.nn.Module):
     """A CNN trunk that maps normalised images [B, 3, H, W] to a feature map [B, C, h, w]."""
 
-    def __init__(self, trunk: torch.nn.Module, info: BackboneInfo):
+    def __init__(self, trunk: torch.nn.Module, info: BackboneInfo, fine_stride: int = 0):
         super().__init__()
         self.trunk = trunk
         self.info = info
+        self.fine_stride = fine_stride
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        # images: [B, 3, H, W] float in [0, 1]
-        return self.trunk.extract_features((images - self.mean) / self.std)
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] in [0, 1] -> the map [B, C, h, w]; with a fine stride, also the
+        last block's map at that stride: ([B, C, h, w], [B, c, H/s, W/s])."""
+        x = (images - self.mean) / self.std
+        if not self.fine_stride:
+            return self.trunk.extract_features(x)
+        # extract_features, step by step (the trunk is in eval mode: no drop-connect), keeping
+        # the deepest block output at the fine stride ('same' padding: ceil(H / stride) rows).
+        t = self.trunk
+        h = t._swish(t._bn0(t._conv_stem(x)))
+        fine = None
+        for block in t._blocks:
+            h = block(h)
+            if round(images.shape[-1] / h.shape[-1]) == self.fine_stride:
+                fine = h
+        if fine is None:
+            raise VlpError(f"backbone {self.info.name} has no map at stride {self.fine_stride}")
+        return t._swish(t._bn1(t._conv_head(h))), fine
 
-    def pool(self, fmap: torch.Tensor, boxes: torch.Tensor, output: int) -> torch.Tensor:
-        """One vector per box: RoIAlign bins averaged, [K, C]."""
-        return roi_align(fmap, boxes, 1.0 / self.info.stride, output).mean(dim=(2, 3))
+    @property
+    def feature_dim(self) -> int:
+        """Channels per region: the map's, plus the fine map's when one is pooled too."""
+        return self.info.feature_dim + FINE_CHANNELS.get(self.info.name, {}).get(
+            self.fine_stride, 0)
+
+    def pool(self, fmap: torch.Tensor | tuple[torch.Tensor, torch.Tensor], boxes: torch.Tensor,
+             output: int) -> torch.Tensor:
+        """One vector per box: RoIAlign bins averaged, [K, C] (the fine map's channels after
+        the coarse ones'). `fmap`: one image's map, or its (map, fine map)."""
+        if isinstance(fmap, torch.Tensor):
+            return roi_align(fmap, boxes, 1.0 / self.info.stride, output).mean(dim=(2, 3))
+        coarse, fine = fmap
+        return torch.cat([self.pool(coarse, boxes, output), roi_align(
+            fine, boxes, 1.0 / self.fine_stride, output).mean(dim=(2, 3))], 1)
 
 
-def load_backbone(name: str = "efficientnet-lite0") -> Backbone:
+# Channels of each backbone's last block output at each finer stride.
+FINE_CHANNELS = {"efficientnet-lite0": {4: 24, 8: 40, 16: 112}}
+
+
+def load_backbone(name: str = "efficientnet-lite0", fine_stride: int = 0) -> Backbone:
     """Build a backbone with its embedded pretrained weights."""
     from vlp_cli.assets import backbone_weights, package_dir
 
@@ -113,7 +145,7 @@ def load_backbone(name: str = "efficientnet-lite0") -> Backbone:
     # EfficientNet-lite was trained with TF-lite preprocessing: (x - 127) / 128.
     info = BackboneInfo(name=name, feature_dim=1280, stride=32, mean=(0.5, 0.5, 0.5),
                         std=(0.5, 0.5, 0.5), weights=path.name, weights_sha256=file_sha256(path))
-    return Backbone(trunk, info).eval()
+    return Backbone(trunk, info, fine_stride).eval()
 
 
 def resize_shape(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int]:

@@ -72,7 +72,7 @@ class Extractor:
                  labels: list[str] | None = None):
         self.cfg = cfg
         self.given = given
-        self.backbone: Backbone = load_backbone(cfg.backbone)
+        self.backbone: Backbone = load_backbone(cfg.backbone, cfg.fine_stride)
         self.detector = None
         self.detector_info: DetectorInfo | None = None
         if given is not None:
@@ -113,7 +113,10 @@ class Extractor:
             "name": f"vlp-roi/{self.backbone.info.name}",
             "backbone": vars(self.backbone.info),
             "config": {"min_size": self.cfg.min_size, "max_size": self.cfg.max_size,
-                       "roi_output": self.cfg.roi_output},
+                       "roi_output": self.cfg.roi_output,
+                       # only when set: the stores of earlier versions keep their fingerprint
+                       **({"fine_stride": self.cfg.fine_stride} if self.cfg.fine_stride
+                          else {})},
             "boxes": boxes,
             # Given boxes come from outside: new images need a boxes file of their own.
             "reproducible": self.given is None,
@@ -122,7 +125,7 @@ class Extractor:
         # features of one space from different box sources can be mixed and compared.
         space = {k: v for k, v in ext.items() if k not in ("boxes", "reproducible")}
         return {"extractor": ext, "fingerprint": fingerprint(space),
-                "feature_dim": self.backbone.info.feature_dim, "labels": self.labels}
+                "feature_dim": self.backbone.feature_dim, "labels": self.labels}
 
     @classmethod
     def from_meta(cls, meta: dict, boxes: GivenBoxes | None = None,
@@ -190,7 +193,7 @@ class Extractor:
                 batch = (items[idx[0]].image[None] if len(idx) == 1  # type: ignore[index]
                          else torch.stack([items[i].image for i in idx]))  # type: ignore[misc]
             out_maps = self.backbone(batch)
-            for i, fm in zip(idx, out_maps):
+            for i, fm in zip(idx, zip(*out_maps) if isinstance(out_maps, tuple) else out_maps):
                 fmaps[i] = fm
         dets: list[Any] = [None] * len(items)
         if self.detector is not None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -67,8 +68,15 @@ def _rng(scene: Scene, stream: int) -> np.random.Generator:
     return np.random.default_rng([SEED, SPLIT_INDEX[scene.split], scene.index, stream])
 
 
-def _majority(values: list[str]) -> str:
-    return Counter(values).most_common(1)[0][0]
+def _majority(out: Path, name: str, train: list[str], rows: Callable[[str], Any]) -> str:
+    """The results file that answers every test item with the train split's most common
+    value: `rows(value)` gives its content (a CSV's text, or JSON rows)."""
+    content = rows(Counter(train).most_common(1)[0][0])
+    path = out / "majority" / name
+    if isinstance(content, str):
+        path.write_text(content)
+        return str(path)
+    return _dump(path, content)
 
 
 def write(spec: str, out: Path) -> dict:
@@ -111,9 +119,8 @@ def _coco_captions(by_split: dict[str, list[Scene]], out: Path) -> dict:
         if split == "train":
             train_caps = [a["caption"] for a in anns]
         else:
-            common = _majority(train_caps)
-            majority = _dump(out / "majority" / "captions_results.json",
-                             [{"image_id": i["id"], "caption": common} for i in imgs])
+            majority = _majority(out, "captions_results.json", train_caps, lambda common: [
+                {"image_id": i["id"], "caption": common} for i in imgs])
     return {"sources": [files["train"], f"test={files['test']}"], "references": files["test"],
             "majority": majority}
 
@@ -144,9 +151,8 @@ def _vqa(by_split: dict[str, list[Scene]], out: Path) -> dict:
         if split == "train":
             train_answers = [a["multiple_choice_answer"] for a in anns]
         else:
-            common = _majority(train_answers)
-            majority = _dump(out / "majority" / "vqa_results.json",
-                             [{"question_id": q["question_id"], "answer": common} for q in qs])
+            majority = _majority(out, "vqa_results.json", train_answers, lambda common: [
+                {"question_id": q["question_id"], "answer": common} for q in qs])
     return {"sources": [files["train"], f"test={files['test']}"],
             "references": str(out / "vqa" / "v2_mscoco_val2014_annotations.json"),
             "majority": majority, "sets": ['corpus.image_keys="{id}.jpg"']}
@@ -167,9 +173,8 @@ def _gqa(by_split: dict[str, list[Scene]], out: Path) -> dict:
         if split == "train":
             train_answers = [v["answer"] for v in data.values()]
         else:
-            common = _majority(train_answers)
-            majority = _dump(out / "majority" / "gqa_results.json",
-                             [{"questionId": k, "prediction": common} for k in data])
+            majority = _majority(out, "gqa_results.json", train_answers, lambda common: [
+                {"questionId": k, "prediction": common} for k in data])
     return {"sources": [files["train"], files["test"]], "references": files["test"],
             "majority": majority}
 
@@ -200,10 +205,8 @@ def _nlvr2(by_split: dict[str, list[Scene]], out: Path,
         if split == "train":
             train_labels = [r["label"] for r in rows]
         else:
-            common = _majority(train_labels)
-            path = out / "majority" / "nlvr2_predictions.csv"
-            path.write_text("".join(f"{r['identifier']},{common}\n" for r in rows))
-            majority = str(path)
+            majority = _majority(out, "nlvr2_predictions.csv", train_labels, lambda common: "".join(
+                f"{r['identifier']},{common}\n" for r in rows))
     return ({"sources": [files["train"], files["test"]], "references": files["test"],
              "majority": majority}, boxes)
 
@@ -223,9 +226,8 @@ def _snli_ve(by_split: dict[str, list[Scene]], out: Path) -> dict:
         if split == "train":
             train_labels = [r["gold_label"] for r in rows]
         else:
-            common = _majority(train_labels)
-            majority = _dump(out / "majority" / "snli_ve_results.json",
-                             [{"pairID": r["pairID"], "gold_label": common} for r in rows])
+            majority = _majority(out, "snli_ve_results.json", train_labels, lambda common: [
+                {"pairID": r["pairID"], "gold_label": common} for r in rows])
     return {"sources": [files["train"], files["test"]], "references": files["test"],
             "majority": majority}
 

@@ -56,6 +56,11 @@ def xywh_to_xyxy(box: list[float]) -> np.ndarray:
     return np.array([x, y, x + w, y + h])
 
 
+def _corners(img: ImageInput) -> np.ndarray:
+    """[R, 4] the regions' corners over the image size (those of blanked regions too)."""
+    return img.corners if img.corners is not None else img.pos[:, :4]
+
+
 def region_ious(img: ImageInput, gt_xywh: list[float]) -> list[float]:
     """IoU of each region of `img` with the ground-truth box (pixels, COCO's x, y, w, h);
     -1 for the whole-image region. Positions hold corners over the image size, and IoU is the
@@ -64,7 +69,7 @@ def region_ious(img: ImageInput, gt_xywh: list[float]) -> list[float]:
     if w <= 0 or h <= 0:
         raise VlpError("the feature store has no image sizes; re-extract it with vlp >= 0.3")
     gt = xywh_to_xyxy(gt_xywh) / np.array([w, h, w, h])
-    ious = iou_xyxy(img.pos[:, :4], gt).tolist()
+    ious = iou_xyxy(_corners(img), gt).tolist()
     if img.whole_image:
         ious[0] = -1.0
     return ious
@@ -140,7 +145,7 @@ class Refcoco(Task):
             img = ctx.builder.regions(ex["images"][0])
             ious = region_ious(img, ex["label"]["box"])
             w, h = img.size
-            x1, y1, x2, y2 = (img.pos[r, :4] * np.array([w, h, w, h])).tolist()
+            x1, y1, x2, y2 = (_corners(img)[r] * np.array([w, h, w, h])).tolist()
             rows.append({"sent_id": ex["id"], "image": ex["images"][0],
                          "sentence": ex["texts"][0], "subset": ex["label"].get("subset"),
                          "box": [x1, y1, x2 - x1, y2 - y1], "gt_box": ex["label"]["box"],
