@@ -77,7 +77,12 @@ def test_fine_stride_appends_the_finer_map_and_keeps_the_rest(tmp_path: Path) ->
     np.testing.assert_array_equal(rb.features[:, :1280], ra.features)
     assert np.abs(rb.features[:, 1280:].astype(np.float32)).sum() > 0
     np.testing.assert_array_equal(rb.image_feature[:1280], ra.image_feature)
-    assert Extractor.from_meta(b.meta).backbone.feature_dim == 1320
+    rebuilt = Extractor.from_meta(b.meta).backbone
+    assert rebuilt.feature_dim == 1320
+    # a narrow image (26 pixels: its maps' size ratios are not the strides) gets its fine map
+    import torch
+    coarse, fine_map = rebuilt(torch.rand(1, 3, 300, 26))
+    assert fine_map.shape[1] == 40 and fine_map.shape[-1] == 4 and coarse.shape[1] == 1280
 
 
 def test_killed_extraction_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:

@@ -85,6 +85,19 @@ class Backbone(torch.nn.Module):
         self.fine_stride = fine_stride
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
+        # The block whose output is the fine map (the deepest at that stride) and its channels,
+        # found once on an input every stride divides: a block's stride does not depend on the
+        # image, which may be too narrow for its size ratio to show it.
+        self._fine_block, self._fine_channels = -1, 0
+        if fine_stride:
+            with torch.inference_mode():
+                h = trunk._swish(trunk._bn0(trunk._conv_stem(torch.zeros(1, 3, 64, 64))))
+                for i, block in enumerate(trunk._blocks):
+                    h = block(h)
+                    if 64 // h.shape[-1] == fine_stride:
+                        self._fine_block, self._fine_channels = i, h.shape[1]
+            if self._fine_block < 0:
+                raise VlpError(f"backbone {info.name} has no map at stride {fine_stride}")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] in [0, 1] -> the map [B, C, h, w]; with a fine stride, also the
@@ -93,23 +106,21 @@ class Backbone(torch.nn.Module):
         if not self.fine_stride:
             return self.trunk.extract_features(x)
         # extract_features, step by step (the trunk is in eval mode: no drop-connect), keeping
-        # the deepest block output at the fine stride ('same' padding: ceil(H / stride) rows).
+        # the fine block's output.
         t = self.trunk
         h = t._swish(t._bn0(t._conv_stem(x)))
-        fine = None
-        for block in t._blocks:
+        fine = h
+        for i, block in enumerate(t._blocks):
             h = block(h)
-            if round(images.shape[-1] / h.shape[-1]) == self.fine_stride:
+            if i == self._fine_block:
                 fine = h
-        if fine is None:
-            raise VlpError(f"backbone {self.info.name} has no map at stride {self.fine_stride}")
         return t._swish(t._bn1(t._conv_head(h))), fine
 
     @property
     def feature_dim(self) -> int:
-        """Channels per region: the map's, plus the fine map's when one is pooled too."""
-        return self.info.feature_dim + FINE_CHANNELS.get(self.info.name, {}).get(
-            self.fine_stride, 0)
+        """Channels per region: the map's, plus the fine map's when one is pooled too
+        (efficientnet-lite0: 24, 40, 112 at strides 4, 8, 16)."""
+        return self.info.feature_dim + self._fine_channels
 
     def pool(self, fmap: torch.Tensor | tuple[torch.Tensor, torch.Tensor], boxes: torch.Tensor,
              output: int) -> torch.Tensor:
@@ -120,10 +131,6 @@ class Backbone(torch.nn.Module):
         coarse, fine = fmap
         return torch.cat([self.pool(coarse, boxes, output), roi_align(
             fine, boxes, 1.0 / self.fine_stride, output).mean(dim=(2, 3))], 1)
-
-
-# Channels of each backbone's last block output at each finer stride.
-FINE_CHANNELS = {"efficientnet-lite0": {4: 24, 8: 40, 16: 112}}
 
 
 def load_backbone(name: str = "efficientnet-lite0", fine_stride: int = 0) -> Backbone:
