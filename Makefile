@@ -8,6 +8,7 @@ VLP := $(VENV)/bin/vlp
 STAMP := $(VENV)/.vlp-installed
 DEMO_DIR ?= .demo
 RECIPE ?= recipes/tiny.yaml
+SCENES_RECIPE ?= recipes/tiny-scenes.yaml
 # The scene set in the demo: its first 1000 train scenes (and 200 test scenes); `scenes` is all
 # 3000 + 600.
 SCENES ?= scenes:1000
@@ -46,9 +47,7 @@ demo: install
 	@mkdir -p $(DEMO_DIR)
 	$(VLP) extract-features easy-vqa --out $(DEMO_DIR)/features --recipe $(RECIPE)
 	$(VLP) build-corpus easy-vqa --features $(DEMO_DIR)/features --out $(DEMO_DIR)/corpus --recipe $(RECIPE)
-	$(VLP) extract-features $(SCENES) --out $(DEMO_DIR)/scenes-features --recipe $(RECIPE)
-	$(VLP) build-corpus $(SCENES) --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/scenes-corpus --recipe $(RECIPE)
-	$(VLP) pretrain $(RECIPE) --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --corpus $(DEMO_DIR)/scenes-corpus --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/pretrained
+	$(VLP) pretrain $(RECIPE) --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/pretrained
 	$(VLP) finetune vqa --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/vqa
 	$(VLP) evaluate vqa --checkpoint $(DEMO_DIR)/vqa --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/eval-vqa-test
 	$(VLP) finetune retrieval --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/retrieval
@@ -56,6 +55,10 @@ demo: install
 	$(VLP) finetune captioning --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/captioning
 	$(VLP) evaluate captioning --checkpoint $(DEMO_DIR)/captioning --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --limit 200 --out $(DEMO_DIR)/eval-captioning-test
 	$(VLP) caption --checkpoint $(DEMO_DIR)/captioning --features $(DEMO_DIR)/features --corpus $(DEMO_DIR)/corpus --split test --limit 8 --out $(DEMO_DIR)/captions.jsonl
+	@# Every objective of Oscar and UNITER, mixed, on the scene set (its own pre-training: README)
+	$(VLP) extract-features $(SCENES) --out $(DEMO_DIR)/scenes-features --recipe $(SCENES_RECIPE)
+	$(VLP) build-corpus $(SCENES) --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/scenes-corpus --recipe $(SCENES_RECIPE)
+	$(VLP) pretrain $(SCENES_RECIPE) --corpus $(DEMO_DIR)/scenes-corpus --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/scenes-pretrained
 	$(VLP) report $(DEMO_DIR)
 
 # The papers' ablations at our scale (README): 5 variants x 3 seeds on the scene set, about 1.5

@@ -210,3 +210,41 @@ def test_padding_and_causal_masks_stay_finite_under_autocast(dtype: torch.dtype)
     assert torch.isfinite(full).all() and torch.isfinite(causal).all()
     keep = torch.cat([text_mask, img_mask], 1)
     assert (full - plain)[keep].abs().max() < 0.1  # the same function, at lower precision
+
+
+def test_fourier_positions_tell_a_box_from_its_double_and_survive_a_checkpoint(
+        tmp_path: Path) -> None:
+    from vlp_cli.checkpoint import load_checkpoint, load_tokenizer, save_checkpoint
+    from vlp_cli.model import ImageEmbeddings, fourier_positions
+
+    p = torch.tensor([[0.2, 0.2, 0.4, 0.4, 0.2, 0.2, 0.04]])
+    f = fourier_positions(p, 3)
+    assert f.shape == (1, 7 * 7) and torch.equal(f[:, :7], p)
+    assert torch.allclose(f[0, 7 + 3 * 2 + 1], torch.sin(torch.pi * 2 * p[0, 2]))  # x2, 2 pi
+    assert torch.equal(fourier_positions(p, 0), p)
+    feats = torch.zeros(2, 1, 5)
+    pos = torch.stack([p, 2 * p])  # the same box shape, twice the size, further out
+    type_emb = torch.zeros(2, 1, 8)
+
+    def embedded(octaves: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        e = ImageEmbeddings(5, 7, 8, 0.0, 1e-12, octaves).eval()
+        nn_init = torch.nn.init
+        nn_init.normal_(e.pos_linear.weight, std=0.02)
+        nn_init.zeros_(e.pos_linear.bias)
+        return e(feats, pos, type_emb)[:, 0]
+
+    plain, fourier = embedded(0), embedded(4)
+    # UNITER's LN(Linear(p)) with its bias at zero: p and 2p embed alike
+    assert torch.allclose(plain[0], plain[1], atol=1e-4)
+    assert (fourier[0] - fourier[1]).norm() > 0.5 * fourier[0].norm()
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(bert=tiny_bert(VOCAB), img_feat_dim=16, pos_dim=7, pos_fourier=2)
+    m = VLPModel(cfg).eval()
+    assert m.img_embed.pos_linear.in_features == 7 * 5
+    save_checkpoint(tmp_path / "ck", m, load_tokenizer("embedded:minilm"), {"task": "pretrain"})
+    m2 = load_checkpoint(tmp_path / "ck")[0].eval()
+    assert m2.config.pos_fourier == 2
+    x = batch()
+    assert torch.allclose(m(**x), m2(**x), atol=1e-6)

@@ -231,6 +231,11 @@ class ModelCfg:
     # with 6 position numbers, then LN (VinVL's use_img_layernorm), no type embedding; needs
     # data.pos_kind oscar6. Released Oscar / UNITER weights load into their own embedder.
     image_embedder: Literal["uniter", "oscar"] = "uniter"
+    # Sine and cosine of each position number at this many octaves (pi, 2 pi, 4 pi, ...) join
+    # the numbers before the position Linear. 0: the numbers alone, as UNITER and Oscar (and
+    # their released weights) take them. LN(Linear(p)) is blind to a box's size (model.py,
+    # `fourier_positions`); the demo's recipes use 4 (README, "Where the box is").
+    pos_fourier: int = num(0, ge=0, le=12, why="octaves of pi: 12 resolves 1/4096 of the image")
     # Recompute each layer's activations in the backward pass instead of keeping them: about a
     # third more compute for much less memory (base-size recipes on one consumer GPU).
     gradient_checkpointing: bool = False

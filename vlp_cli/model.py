@@ -67,6 +67,9 @@ class ModelConfig:
     img_dropout: float = 0.1
     heads: list[dict[str, Any]] = field(default_factory=list)  # HeadSpec dicts, in order
     image_embedder: str = "uniter"  # "uniter" or "oscar" (see the module docstring)
+    # Sine and cosine of each position number at this many octaves, beside the numbers
+    # themselves (`fourier_positions`); 0: the numbers alone, as UNITER and Oscar feed them.
+    pos_fourier: int = 0
     fresh_weights: list[str] = field(default_factory=list)  # parts not loaded from `init`
     schema: int = 2  # 2: heads listed; 1 (vlp <= 0.2): fixed head attributes
 
@@ -102,14 +105,32 @@ def large_bert(vocab_size: int) -> dict[str, Any]:
 PRESETS = {"tiny": tiny_bert, "base": base_bert, "large": large_bert}
 
 
+def fourier_positions(pos: torch.Tensor, octaves: int) -> torch.Tensor:
+    """[..., P] -> [..., P * (1 + 2 * octaves)]: the numbers, then sin and cos of pi 2^k x.
+
+    UNITER's LN(Linear(7 numbers)) is blind to a box's scale: with the Linear's bias near
+    zero (it starts at zero and hardly moves), LN(W p) = LN(W 2p), so a small and a large box
+    with the same centre and shape embed alike, and boxes in different places differ by a
+    few degrees (cosine 0.96-0.99 between a centred box, a smaller one and one on the right,
+    in the demo's pre-trained checkpoint). Sines and cosines of the numbers are not linear
+    in them, so size and place each turn the embedding."""
+    if octaves <= 0:
+        return pos
+    freqs = torch.pi * 2.0 ** torch.arange(octaves, dtype=pos.dtype, device=pos.device)
+    x = pos[..., None] * freqs  # [..., P, K]
+    return torch.cat([pos, torch.sin(x).flatten(-2), torch.cos(x).flatten(-2)], -1)
+
+
 class ImageEmbeddings(nn.Module):
     """UNITER's region embedding: features and positions each through Linear + LayerNorm."""
 
-    def __init__(self, feat_dim: int, pos_dim: int, hidden: int, dropout: float, eps: float):
+    def __init__(self, feat_dim: int, pos_dim: int, hidden: int, dropout: float, eps: float,
+                 pos_fourier: int = 0):
         super().__init__()
+        self.pos_fourier = pos_fourier
         self.feat_linear = nn.Linear(feat_dim, hidden)
         self.feat_norm = nn.LayerNorm(hidden, eps=eps)
-        self.pos_linear = nn.Linear(pos_dim, hidden)
+        self.pos_linear = nn.Linear(pos_dim * (1 + 2 * pos_fourier), hidden)
         self.pos_norm = nn.LayerNorm(hidden, eps=eps)
         self.norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(dropout)
@@ -117,6 +138,7 @@ class ImageEmbeddings(nn.Module):
     def forward(self, feats: torch.Tensor, pos: torch.Tensor,
                 type_emb: torch.Tensor) -> torch.Tensor:
         # feats [B, R, F], pos [B, R, P], type_emb [B, R, H] -> [B, R, H]
+        pos = fourier_positions(pos, self.pos_fourier)
         x = self.feat_norm(self.feat_linear(feats)) + self.pos_norm(self.pos_linear(pos))
         return self.dropout(self.norm(x + type_emb))
 
@@ -128,16 +150,18 @@ class OscarImageEmbeddings(nn.Module):
     """Oscar's region embedding: one Linear over [features, 6 position numbers], LayerNorm
     (VinVL's `use_img_layernorm`), dropout; regions get no type embedding."""
 
-    def __init__(self, feat_dim: int, pos_dim: int, hidden: int, dropout: float, eps: float):
+    def __init__(self, feat_dim: int, pos_dim: int, hidden: int, dropout: float, eps: float,
+                 pos_fourier: int = 0):
         super().__init__()
-        self.feat_dim = feat_dim
-        self.linear = nn.Linear(feat_dim + pos_dim, hidden)
+        self.feat_dim, self.pos_fourier = feat_dim, pos_fourier
+        self.linear = nn.Linear(feat_dim + pos_dim * (1 + 2 * pos_fourier), hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, feats: torch.Tensor, pos: torch.Tensor,
                 type_emb: torch.Tensor) -> torch.Tensor:
         # feats [B, R, F], pos [B, R, P] -> [B, R, H]; type_emb unused (Oscar has none)
+        pos = fourier_positions(pos, self.pos_fourier)
         return self.dropout(self.norm(self.linear(torch.cat([feats, pos], -1))))
 
     def feature_weight(self) -> torch.Tensor:
@@ -276,7 +300,7 @@ class VLPModel(nn.Module):
         embedder = {"uniter": ImageEmbeddings, "oscar": OscarImageEmbeddings}[
             config.image_embedder]
         self.img_embed = embedder(config.img_feat_dim, config.pos_dim, h, config.img_dropout,
-                                  bc.layer_norm_eps)
+                                  bc.layer_norm_eps, config.pos_fourier)
         self.dropout = nn.Dropout(bc.hidden_dropout_prob)
         self.heads = nn.ModuleDict()
         self.img_embed.apply(self._init_weights)
@@ -443,7 +467,7 @@ class VLPModel(nn.Module):
     def from_text_encoder(cls, name: str, img_feat_dim: int, heads: list[HeadSpec], *,
                           pos_dim: int = 7, img_dropout: float = 0.1,
                           vocab_size: int | None = None, seed: int | None = None,
-                          image_embedder: str = "uniter") -> VLPModel:
+                          image_embedder: str = "uniter", pos_fourier: int = 0) -> VLPModel:
         """Start from a Hugging Face BERT checkpoint (a directory or hub id).
 
         `random:tiny` (tests), `random:base` and `random:large` build a random BERT of that
@@ -463,14 +487,16 @@ class VLPModel(nn.Module):
                 raise ValueError(f"{name} needs vocab_size")
             return cls(ModelConfig(bert=preset(vocab_size), img_feat_dim=img_feat_dim,
                                    pos_dim=pos_dim, img_dropout=img_dropout, heads=specs,
-                                   image_embedder=image_embedder, fresh_weights=["all"]), seed)
+                                   image_embedder=image_embedder, pos_fourier=pos_fourier,
+                                   fresh_weights=["all"]), seed)
 
         from transformers import BertForPreTraining
 
         pt, info = BertForPreTraining.from_pretrained(name, output_loading_info=True)
         missing = set(info.get("missing_keys", []))
         cfg = ModelConfig(bert=pt.config.to_dict(), img_feat_dim=img_feat_dim, pos_dim=pos_dim,
-                          img_dropout=img_dropout, heads=specs, image_embedder=image_embedder)
+                          img_dropout=img_dropout, heads=specs, image_embedder=image_embedder,
+                          pos_fourier=pos_fourier)
         for k in ("architectures", "_name_or_path", "transformers_version", "torch_dtype",
                   "dtype", "id2label", "label2id"):
             cfg.bert.pop(k, None)

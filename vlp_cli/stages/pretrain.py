@@ -149,7 +149,8 @@ def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[
     model = VLPModel.from_text_encoder(
         resolve_text_encoder(recipe.model.init), first.feature_dim, heads,
         pos_dim=builder.pos_dim, img_dropout=recipe.model.img_dropout, vocab_size=len(tok),
-        seed=recipe.seed, image_embedder=recipe.model.image_embedder)
+        seed=recipe.seed, image_embedder=recipe.model.image_embedder,
+        pos_fourier=recipe.model.pos_fourier)
     apply_model_options(model, recipe)
     freeze_unused(model, objectives)
     tags = _labels([s.corpus for s in sources]) if len(sources) > 1 else [""]
