@@ -8,7 +8,7 @@ VLP := $(VENV)/bin/vlp
 STAMP := $(VENV)/.vlp-installed
 DEMO_DIR ?= .demo
 RECIPE ?= recipes/tiny.yaml
-SCENES_RECIPE ?= recipes/tiny-scenes.yaml
+MIXED_RECIPE ?= recipes/tiny-mixed.yaml
 # The scene set in the demo: its first 1000 train scenes (and 200 test scenes); `scenes` is all
 # 3000 + 600.
 SCENES ?= scenes:1000
@@ -43,23 +43,23 @@ test-slow: install
 bench: install
 	$(VLP) bench all   # every registered bench, about 12 minutes on 2 cores
 
-# The demo runs its scene-set pre-training beside the VQA fine-tuning, each on half the cores
+# The demo runs its mixed pre-training beside the VQA fine-tuning, each on half the cores
 # (on 2 cores about 1.3x the steps per second of one after the other).
 HALF_CORES := $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n > 1 ? n / 2 : 1 )))
 demo: install
 	@mkdir -p $(DEMO_DIR)
 	$(VLP) extract-features easy-vqa --out $(DEMO_DIR)/features --recipe $(RECIPE)
 	$(VLP) build-corpus easy-vqa --features $(DEMO_DIR)/features --out $(DEMO_DIR)/corpus --recipe $(RECIPE)
-	$(VLP) extract-features $(SCENES) --out $(DEMO_DIR)/scenes-features --recipe $(SCENES_RECIPE)
-	$(VLP) build-corpus $(SCENES) --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/scenes-corpus --recipe $(SCENES_RECIPE)
+	$(VLP) extract-features $(SCENES) --out $(DEMO_DIR)/scenes-features --recipe $(MIXED_RECIPE)
+	$(VLP) build-corpus $(SCENES) --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/scenes-corpus --recipe $(MIXED_RECIPE)
 	$(VLP) pretrain $(RECIPE) --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/pretrained
-	@# Every objective of Oscar and UNITER, mixed, on the scene set: its own pre-training (README,
-	@# "Two pre-trainings"), logged to $(DEMO_DIR)/scenes-pretrain.log, beside the VQA fine-tuning.
-	@echo "pretrain $(SCENES_RECIPE) on the scene set -> $(DEMO_DIR)/scenes-pretrained (beside the VQA fine-tuning; log: $(DEMO_DIR)/scenes-pretrain.log)"
-	( OMP_NUM_THREADS=$(HALF_CORES) $(VLP) pretrain $(SCENES_RECIPE) --corpus $(DEMO_DIR)/scenes-corpus --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/scenes-pretrained > $(DEMO_DIR)/scenes-pretrain.log 2>&1 ) & s=$$!; \
+	@# Every objective of Oscar and UNITER, mixed, on easy-VQA and the scene set: the second
+	@# pre-training (README, "Two pre-trainings"), beside the VQA fine-tuning, logged to a file.
+	@echo "pretrain $(MIXED_RECIPE) on easy-VQA and the scene set -> $(DEMO_DIR)/mixed-pretrained (beside the VQA fine-tuning; log: $(DEMO_DIR)/mixed-pretrain.log)"
+	( OMP_NUM_THREADS=$(HALF_CORES) $(VLP) pretrain $(MIXED_RECIPE) --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --corpus $(DEMO_DIR)/scenes-corpus --features $(DEMO_DIR)/scenes-features --out $(DEMO_DIR)/mixed-pretrained > $(DEMO_DIR)/mixed-pretrain.log 2>&1 ) & s=$$!; \
 	OMP_NUM_THREADS=$(HALF_CORES) $(VLP) finetune vqa --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/vqa; r=$$?; \
-	wait $$s; rs=$$?; tail -n 1 $(DEMO_DIR)/scenes-pretrain.log; \
-	test $$r = 0 -a $$rs = 0 || { echo "demo: a step failed (scene pre-training: see $(DEMO_DIR)/scenes-pretrain.log)"; exit 1; }
+	wait $$s; rs=$$?; tail -n 1 $(DEMO_DIR)/mixed-pretrain.log; \
+	test $$r = 0 -a $$rs = 0 || { echo "demo: a step failed (mixed pre-training: see $(DEMO_DIR)/mixed-pretrain.log)"; exit 1; }
 	$(VLP) evaluate vqa --checkpoint $(DEMO_DIR)/vqa --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/eval-vqa-test
 	$(VLP) finetune retrieval --checkpoint $(DEMO_DIR)/pretrained --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/retrieval
 	$(VLP) evaluate retrieval --checkpoint $(DEMO_DIR)/retrieval --corpus $(DEMO_DIR)/corpus --features $(DEMO_DIR)/features --out $(DEMO_DIR)/eval-retrieval-test

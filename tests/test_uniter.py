@@ -239,7 +239,7 @@ def test_each_corpus_runs_its_own_objectives(probs_world: dict, tiny_data: dict,
     with pytest.raises(VlpError, match="mrc runs on no corpus"):
         load_recipe("tiny", base + ["pretrain.corpora=[{tasks: {oscar: 1}}, {tasks: {mlm: 1}}]"])
     with pytest.raises(VlpError, match="pretrain.corpora=\\[\\]"):
-        load_recipe("tiny-scenes", ["pretrain.corpora=[{tasks: {mlm: 1}}]",
+        load_recipe("tiny-mixed", ["pretrain.corpora=[{tasks: {mlm: 1}}]",
                                     "pretrain.tasks={oscar: 1}"])
     with pytest.raises(VlpError, match="no corpus"):
         pretrain.run(load_recipe("tiny", sets), None, None, tmp_path / "c")
