@@ -384,3 +384,36 @@ def constrained_beam_search(step: StepFn, reorder: ReorderFn, state: Any, rows: 
         pool_r.sort(key=lambda h: -h[0])
         out.append([(seq, sc) for sc, seq in pool_r[:n_best]])
     return out
+
+
+class KVCache:
+    """Keys and values of positions already encoded, per layer: what `BertSelfAttention`
+    asks of a cache (`update`), plus the two operations decoding needs, keeping the first n
+    positions and selecting rows (beam search). transformers' own caches change these two
+    between minor versions (`crop`'s argument changed meaning within 5.x); this is all vlp uses.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this layer's new keys and values [B, heads, n, d]; return all of them."""
+        if layer_idx in self.layers:
+            k, v = self.layers[layer_idx]
+            key, value = torch.cat([k, key], dim=2), torch.cat([v, value], dim=2)
+        self.layers[layer_idx] = (key, value)
+        return key, value
+
+    def length(self) -> int:
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def keep(self, n: int) -> None:
+        """Forget every position after the first n."""
+        self.layers = {i: (k[:, :, :n], v[:, :, :n]) for i, (k, v) in self.layers.items()}
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep (or repeat) these batch rows, in this order."""
+        self.layers = {i: (k.index_select(0, rows.to(k.device)),
+                           v.index_select(0, rows.to(v.device)))
+                       for i, (k, v) in self.layers.items()}

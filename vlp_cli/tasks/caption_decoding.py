@@ -141,7 +141,7 @@ class CachedCaptionDecoder:
         import torch
 
         from vlp_cli.data.datasets import Collator
-        from vlp_cli.model import KVCache
+        from vlp_cli.decoding import KVCache
 
         self.model, self.ds, self.device = model, ds, device
         b = ds.builder
