@@ -115,7 +115,7 @@ def fourier_positions(pos: torch.Tensor, octaves: int) -> torch.Tensor:
     zero (it starts at zero and hardly moves), LN(W p) = LN(W 2p), so a small and a large box
     with the same centre and shape embed alike, and boxes in different places differ by a
     few degrees (cosine 0.96-0.99 between a centred box, a smaller one and one on the right,
-    in the demo's pre-trained checkpoint). Sines and cosines of the numbers are not linear
+    in an Oscar-only checkpoint of the demo). Sines and cosines of the numbers are not linear
     in them, so size and place each turn the embedding."""
     if octaves <= 0:
         return pos
