@@ -102,7 +102,7 @@ class Backbone(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] in [0, 1] -> the map [B, C, h, w]; with a fine stride, also the
         last block's map at that stride: ([B, C, h, w], [B, c, H/s, W/s])."""
-        x = (images - self.mean) / self.std
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         if not self.fine_stride:
             return self.trunk.extract_features(x)
         # extract_features, step by step (the trunk is in eval mode: no drop-connect), keeping
@@ -133,6 +133,34 @@ class Backbone(torch.nn.Module):
             fine, boxes, 1.0 / self.fine_stride, output).mean(dim=(2, 3))], 1)
 
 
+def fold_batchnorms(trunk: torch.nn.Module) -> None:
+    """Inference only: fold each BatchNorm into the convolution before it (its running
+    statistics and affine into the weights and a bias), and give stride-1 convolutions their
+    symmetric 'same' padding inside the convolution instead of a separate pad. Same outputs,
+    two fewer passes over each map per layer."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    pairs = [(trunk, "_conv_stem", "_bn0"), (trunk, "_conv_head", "_bn1")]
+    for block in trunk._blocks:
+        pairs += [(block, c, n) for c, n in (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"),
+                                             ("_project_conv", "_bn2")) if hasattr(block, c)]
+    for module, conv_name, bn_name in pairs:
+        conv, bn = getattr(module, conv_name), getattr(module, bn_name)
+        conv.weight, conv.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean,
+                                                      bn.running_var, bn.eps, bn.weight, bn.bias)
+        setattr(module, bn_name, torch.nn.Identity())
+    for module in list(trunk.modules()):
+        for name, conv in list(module.named_children()):
+            k = conv.kernel_size[0] if isinstance(conv, torch.nn.Conv2d) else 0
+            # TF 'same' padding at stride 1 with an odd kernel is (k - 1) / 2 on every side.
+            if (type(conv).__name__ == "Conv2dDynamicSamePadding" and tuple(conv.stride) == (1, 1)
+                    and k % 2 == 1 and conv.kernel_size[1] == k and tuple(conv.dilation) == (1, 1)):
+                plain = torch.nn.Conv2d(conv.in_channels, conv.out_channels, k, 1, k // 2,
+                                        groups=conv.groups, bias=conv.bias is not None)
+                plain.weight, plain.bias = conv.weight, conv.bias
+                setattr(module, name, plain)
+
+
 def load_backbone(name: str = "efficientnet-lite0", fine_stride: int = 0) -> Backbone:
     """Build a backbone with its embedded pretrained weights."""
     from vlp_cli.assets import backbone_weights, package_dir
@@ -149,6 +177,10 @@ def load_backbone(name: str = "efficientnet-lite0", fine_stride: int = 0) -> Bac
     state = torch.load(path, map_location="cpu", weights_only=True)
     trunk.load_state_dict(state)
     trunk.eval()
+    fold_batchnorms(trunk)
+    # Channels-last is oneDNN's own layout for convolutions: with the folding, the trunk runs in
+    # 0.48x the time on this machine (features equal to 1e-5: fp16 in the store keeps 1e-3).
+    trunk.to(memory_format=torch.channels_last)
     # EfficientNet-lite was trained with TF-lite preprocessing: (x - 127) / 128.
     info = BackboneInfo(name=name, feature_dim=1280, stride=32, mean=(0.5, 0.5, 0.5),
                         std=(0.5, 0.5, 0.5), weights=path.name, weights_sha256=file_sha256(path))
