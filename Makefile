@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   - install, then run the whole chain on the embedded default (about 27 minutes)
+#   make demo   - install, then run the whole chain on the embedded default (about 23 minutes)
 #   make test   - install, then run the quick tests (make test-slow runs the slow ones)
 PYTHON ?= python3
 VENV ?= .venv
