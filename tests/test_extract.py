@@ -183,3 +183,25 @@ def test_detector_finds_the_obvious_objects_and_draws_them(tmp_path: Path) -> No
         assert dog[0] < 250 and dog[2] > 250 and dog[3] > 400  # the dog sits bottom left
     drawn = sorted(p.name for p in (tmp_path / "drawn").iterdir())
     assert drawn == sorted(f"{k}.jpg" for k in expect)  # the key's own name + .jpg
+
+
+def test_folded_backbone_computes_what_the_released_one_does() -> None:
+    # load_backbone folds each BatchNorm into its convolution, pads stride-1 convolutions
+    # inside them and runs channels-last: the same maps as the package's own network.
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from vlp_cli.assets import backbone_weights
+    from vlp_cli.extractors.backbone import load_backbone
+
+    folded = load_backbone("efficientnet-lite0", fine_stride=8)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    plain = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    plain.load_state_dict(torch.load(backbone_weights(), map_location="cpu", weights_only=True))
+    plain.eval()
+    images = torch.rand(2, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        coarse, fine = folded(images)
+        expected = plain.extract_features((images - 0.5) / 0.5)
+    assert coarse.shape == expected.shape and fine.shape[1:] == (40, 12, 16)
+    torch.testing.assert_close(coarse, expected, atol=1e-3, rtol=1e-3)
