@@ -153,6 +153,44 @@ def test_gqa_finetunes_and_writes_its_submission_format(pretrained: Path, task_d
     assert set(rows[0]) == {"questionId", "prediction"}
 
 
+def test_answers_at_a_mask_keep_the_pretrained_masked_token_head(pretrained: Path,
+                                                                   task_data: dict,
+                                                                   tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    metrics, ev = _finetune_and_evaluate("gqa", pretrained, task_data, tmp_path, "--set",
+                                         "gqa.classifier=masked_tokens")
+    assert metrics["questions"] == 12 and 0 <= metrics["accuracy"] <= 100
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert [(h["name"], h["kind"]) for h in config["heads"]] == [("mlm", "masked_tokens")]
+    state = json.loads((tmp_path / "ft" / "meta.json").read_text())["tasks"]["gqa"]
+    assert len(state["answer_pieces"]) == len(state["answers"]) > 1
+    # The head starts from the pre-training's (a fresh one would be uncorrelated with it).
+    key = "heads.mlm.dense.weight"
+    a = load_file(str(pretrained / "model.safetensors"))[key].flatten()
+    b = load_file(str(tmp_path / "ft" / "model.safetensors"))[key].flatten()
+    assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9
+
+
+def test_the_mask_survives_truncation() -> None:
+    from vlp_cli.tasks.vqa import question_text
+
+    class B:  # the parts of an ExampleBuilder that `text` reads
+        cls_id, sep_id, mask_id = 1, 2, 3
+
+        def text(self, words, tags, max_len):
+            from vlp_cli.data.examples import ExampleBuilder
+
+            return ExampleBuilder.text(self, words, tags, max_len)
+
+    text, at = question_text(B(), list(range(10, 30)), list(range(40, 50)), 16, True)
+    assert len(text.ids) == 16 and text.ids[at] == 3 and text.ids[at + 1] == 2
+    text, at = question_text(B(), list(range(10, 30)), [], 8, True)
+    assert text.ids == [1, 10, 11, 12, 13, 14, 3, 2] and at == 6
+    text, at = question_text(B(), [10, 11], [40], 16, False)
+    assert at == 0 and 3 not in text.ids
+
+
 def test_gqa_results_score_exact_match_per_structural_type(tmp_path: Path) -> None:
     questions = {"1": {"question": "q", "imageId": "1", "answer": "yes",
                        "types": {"structural": "verify"}},

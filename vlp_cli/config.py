@@ -373,7 +373,9 @@ class OscarCfg:
 class VqaCfg:
     train: TrainCfg = field(default_factory=TrainCfg)
     max_text_len: int = num(128, ge=MIN_TEXT_LEN, why="[CLS] word [SEP] tag [SEP] needs 5")
-    classifier: Literal["linear", "mlp"] = "mlp"
+    # "mlp" (UNITER's) or "linear" on the pooled [CLS]; "masked_tokens": a [MASK] after the
+    # question, answered by the pre-training's masked-token head (tasks/vqa.py)
+    classifier: Literal["linear", "mlp", "masked_tokens"] = "mlp"
     # answers kept: the most frequent of the train and val examples (VQA v2 practice: 3,129)
     max_answers: int = num(3129, ge=1)
     # Resampling of the train questions by their most common answer: each question drawn with

@@ -383,6 +383,19 @@ class VLPModel(nn.Module):
             return self.heads[head](regions, self.img_embed.feature_weight().t())
         return self.heads[head](regions)
 
+    def word_choice_logits(self, head: str, states: torch.Tensor, pieces: torch.Tensor,
+                           weights: torch.Tensor) -> torch.Tensor:
+        """A masked-token head read as a classifier over a fixed list of choices (answers):
+        states [B, H] (each at its [MASK]), each choice the mean of its word pieces' output
+        embeddings and biases (pieces [C, K] padded, weights [C, K] summing to 1 per row), so
+        the choices start where pre-training left the words. [B, C]."""
+        m = self.heads[head]
+        x = m.norm(m.act(m.dense(states)))
+        emb = (self.bert.embeddings.word_embeddings.weight[pieces]
+               * weights[..., None].to(x.dtype)).sum(1)  # [C, H]
+        bias = (m.bias[pieces] * weights.to(m.bias.dtype)).sum(1)  # [C]
+        return x @ emb.t() + bias
+
     def cls_logits(self, head: str, hidden: torch.Tensor) -> torch.Tensor:
         """A classifier head on the pooled [CLS]: [B, size]."""
         return self.heads[head](self.pooled(hidden))
@@ -415,15 +428,15 @@ class VLPModel(nn.Module):
         return self
 
     def with_heads(self, specs: list[HeadSpec], keep: bool = True,
-                   seed: int | None = None) -> VLPModel:
+                   seed: int | None = None, always_keep: tuple[str, ...] = ()) -> VLPModel:
         """Keep exactly these heads: those already here with the same spec keep their weights
-        (unless `keep` is False), the others start fresh (from (seed, name) when `seed` is
-        given). The config is replaced, never changed in place (a checkpoint's config may be
-        shared)."""
+        (unless `keep` is False; those named in `always_keep` whatever `keep` says), the others
+        start fresh (from (seed, name) when `seed` is given). The config is replaced, never
+        changed in place (a checkpoint's config may be shared)."""
         have = {s.name: s for s in self.config.head_specs()}
         heads = nn.ModuleDict()
         for spec in specs:
-            if keep and have.get(spec.name) == spec:
+            if (keep or spec.name in always_keep) and have.get(spec.name) == spec:
                 heads[spec.name] = self.heads[spec.name]
             else:
                 heads[spec.name] = self._fresh_head(spec, seed)

@@ -51,9 +51,11 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     ctx = Context(recipe, c, builder, tok)
     task = task.bind(recipe, task.prepare(ctx))
     # A head the source checkpoint already has for this task is kept when the task's state
-    # (an answer vocabulary...) is the same; otherwise it starts fresh.
+    # (an answer vocabulary...) is the same; otherwise it starts fresh. A head of the
+    # pre-training that the task reads as it is (VQA's answers from the masked-token head) is
+    # kept whatever the state.
     model.with_heads(task.heads(ctx), keep=task.state_from_meta(src_meta) == task.state,
-                     seed=recipe.seed)
+                     seed=recipe.seed, always_keep=task.pretrained_heads)
     task.adapt_model(model)
     apply_model_options(model, recipe)
     freeze_unused(model, [task])

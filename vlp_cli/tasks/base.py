@@ -62,6 +62,9 @@ class Task:
     # (higher is better; OUT/best/ beside the last one); "" keeps the last only
     select: str = ""
     uses_pooler: bool = True  # whether a step reads the pooled [CLS] (else it is frozen)
+    # heads of the pre-training that fine-tuning keeps, whatever the task's state (their
+    # weights do not depend on it)
+    pretrained_heads: tuple[str, ...] = ()
     recipe: Recipe  # set by `bind`
     state: dict  # set by `bind`: what `prepare` computed (or the checkpoint kept)
 

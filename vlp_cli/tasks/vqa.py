@@ -7,6 +7,16 @@ annotators' answers as their label.
 
 Answer normalisation and soft accuracy (vqa_eval.py) reproduce the official evaluation script,
 including its quirks, so that accuracies are comparable with published numbers.
+
+Two ways to answer (`vqa.classifier`): Oscar's and UNITER's, a fresh classifier on the pooled
+[CLS] ("mlp", "linear"), trained with BCE against the soft scores; or "masked_tokens" (not in
+the papers; prompt-style answering as later work does it): a [MASK] follows the question and
+the pre-training's own masked-token head scores each answer at it, an answer being the mean of
+its word pieces' output embeddings, trained with cross-entropy against the soft scores
+normalised to sum 1 (the head was pre-trained with a softmax). The circuit that pre-training
+built for filling a caption's word from the tags and regions then answers from the first step;
+the [CLS] classifier has to grow its own, which the scene set's questions do not give it in a
+few minutes (README, "Does every task learn?").
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlp_cli import VlpError
-from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset
+from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset, truncate_pair
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.tasks.base import (Context, Stats, Task, encode, longs, mean_stat, sharded_map,
                                 split_indices)
@@ -37,9 +47,34 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KIND = "vqa"  # the corpus kind of questions
+MLM_HEAD = "mlm"  # the masked-token head of pre-training (tasks/mlm.py, tasks/oscar.py)
 RESULTS_FILE = "vqa_results.json"  # evaluate's results file, the evaluation server's format
 
 # -- the task ------------------------------------------------------------------------------------
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the soft scores normalised to sum 1, averaged over the questions
+    that have a scored answer (one with none teaches nothing)."""
+    import torch
+
+    mass = targets.sum(-1)
+    has = mass > 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    p = targets[has] / mass[has, None]
+    return -(p * torch.log_softmax(logits[has].float(), -1)).sum(-1).mean()
+
+
+def question_text(builder: ExampleBuilder, words: list[int], tags: list[int], max_len: int,
+                  mask: bool) -> tuple[Any, int]:
+    """`[CLS] question [MASK]? [SEP] tags [SEP]` within max_len, the [MASK] kept whatever is
+    cut; returns the text and the [MASK]'s position (0, [CLS], without one)."""
+    if not mask:
+        return builder.text(words, tags, max_len), 0
+    a, b = truncate_pair(words, tags, max_len - 4) if tags else (words[: max_len - 3], [])
+    text = builder.text([*a, builder.mask_id], b, max_len)
+    return text, 1 + len(a)
 
 
 def vqa_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -58,20 +93,23 @@ class VqaDataset(TaskDataset):
     """Question + tags + regions; soft answer scores as targets (BCE)."""
 
     def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray,
-                 max_text_len: int, answers: list[str], seed: int = 0):
+                 max_text_len: int, answers: list[str], seed: int = 0, mask: bool = False):
         super().__init__(corpus, builder, indices, seed)
         self.max_text_len = max_text_len
         self.answer_index = {a: i for i, a in enumerate(answers)}
+        self.mask = mask
 
     def __getitem__(self, i: int) -> dict:
         ex = self.corpus.get(int(self.indices[i]))
         img = self.builder.regions(ex["images"][0])
-        text = self.builder.text(ex["segments"][0], self.builder.tag_ids(img.tag_classes),
-                                 self.max_text_len)
+        text, at = question_text(self.builder, list(ex["segments"][0]),
+                                 self.builder.tag_ids(img.tag_classes), self.max_text_len,
+                                 self.mask)
         kept = [(self.answer_index[a], s) for a, s in vqa_target_scores(ex["label"]).items()
                 if a in self.answer_index]
         return self.item(text, img, vqa_labels=[a for a, _ in kept],
-                         vqa_scores=[s for _, s in kept], index=int(self.indices[i]))
+                         vqa_scores=[s for _, s in kept], index=int(self.indices[i]),
+                         answer_pos=at)
 
 
 def answer_balanced(corpus: Corpus, idx: np.ndarray, power: float, seed: int) -> np.ndarray:
@@ -114,6 +152,21 @@ class Vqa(Task):
     report = ("vqa_accuracy", "yes/no", "other", "questions")
     headline = "vqa_accuracy"
     select = "vqa_score"
+    _pieces: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def masked(self) -> bool:
+        """Answers read at a [MASK] by the masked-token head (`vqa.classifier`)."""
+        recipe = getattr(self, "recipe", None)
+        return recipe is not None and self.section(recipe).classifier == "masked_tokens"
+
+    @property
+    def uses_pooler(self) -> bool:  # type: ignore[override]
+        return not self.masked
+
+    @property
+    def pretrained_heads(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (MLM_HEAD,) if self.masked else ()
 
     def prepare(self, ctx: Context) -> dict:
         c = ctx.corpus
@@ -131,7 +184,11 @@ class Vqa(Task):
             answers = build_answer_vocab((c.get(int(i))["label"] for i in idx),
                                          max_size=self.section(self.recipe).max_answers)
         warn_unscorable(c, answers, "test")
-        return {"answers": answers}
+        if not self.masked:
+            return {"answers": answers}
+        unk = int(ctx.tokenizer.unk_token_id)
+        pieces = [ctx.tokenizer(a, add_special_tokens=False).input_ids or [unk] for a in answers]
+        return {"answers": answers, "answer_pieces": pieces}
 
     def state_from_meta(self, meta: dict) -> dict:
         state = super().state_from_meta(meta)
@@ -142,7 +199,31 @@ class Vqa(Task):
     def heads(self, ctx: Context) -> list[HeadSpec]:
         from vlp_cli.model import HeadSpec
 
+        if self.masked:  # the pre-training's own (tasks/mlm.py declares the same spec)
+            return [HeadSpec(MLM_HEAD, "masked_tokens", init="bert_mlm")]
         return [HeadSpec(self.name, self.section(self.recipe).classifier, len(self.state["answers"]))]
+
+    def logits(self, model: VLPModel, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """One score per answer: [B, answers]."""
+        if not self.masked:
+            return model.cls_logits(self.name, hidden)
+        import torch
+
+        if self._pieces is None or self._pieces[0].device != hidden.device:
+            rows = self.state["answer_pieces"]
+            k = max(len(r) for r in rows)
+            pieces = torch.zeros((len(rows), k), dtype=torch.long)
+            weights = torch.zeros((len(rows), k), dtype=torch.float32)
+            for i, r in enumerate(rows):
+                pieces[i, :len(r)] = torch.as_tensor(r)
+                weights[i, :len(r)] = 1.0 / len(r)
+            self._pieces = (pieces.to(hidden.device), weights.to(hidden.device))
+        at = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["answer_pos"]]
+        return model.word_choice_logits(MLM_HEAD, at, *self._pieces)
+
+    def bind(self, recipe: Any, state: dict | None = None) -> Vqa:
+        self._pieces = None  # the answers' pieces as tensors, made on first use
+        return super().bind(recipe, state)
 
     def legacy_heads(self, config: dict) -> list[tuple[str, HeadSpec]]:
         from vlp_cli.model import HeadSpec
@@ -157,7 +238,7 @@ class Vqa(Task):
         if split == "train" and power > 0:
             idx = answer_balanced(ctx.corpus, idx, power, seed)
         return VqaDataset(ctx.corpus, ctx.builder, idx, self.section(self.recipe).max_text_len,
-                          self.state["answers"], seed)
+                          self.state["answers"], seed, mask=self.masked)
 
     def collate(self, items: list[dict], batch: dict) -> None:
         import torch
@@ -168,13 +249,14 @@ class Vqa(Task):
                 target[i, a] = s
         batch["vqa_targets"] = target
         batch["index"] = longs(items, "index")
+        batch["answer_pos"] = longs(items, "answer_pos")
 
     def step(self, model: VLPModel, batch: dict) -> tuple[torch.Tensor, Stats]:
         import torch
 
         hidden = encode(model, batch)
-        logits = model.cls_logits(self.name, hidden)
-        loss = vqa_bce(logits, batch["vqa_targets"])
+        logits = self.logits(model, batch, hidden)
+        loss = (soft_cross_entropy if self.masked else vqa_bce)(logits, batch["vqa_targets"])
         b = logits.shape[0]
         # The score the top answer earns: exact VQA accuracy when targets are the official scores.
         top = batch["vqa_targets"].gather(1, logits.argmax(-1, keepdim=True)).sum()
@@ -190,7 +272,7 @@ class Vqa(Task):
         ds = self.dataset(ctx, split, 0)
         ds.indices = ctx.corpus.require(KIND, split)[:limit]
         top = sharded_map(accelerator, ds, Collator(ctx.builder.pad_id, self.collate),
-                          lambda b: model.cls_logits(self.name, encode(model, b)).argmax(-1),
+                          lambda b: self.logits(model, b, encode(model, b)).argmax(-1),
                           self.section(self.recipe).train.batch_size * 2, "vqa eval")
         preds: list[dict] = []
         for i, a in zip(ds.indices.tolist(), top.tolist()):
@@ -257,14 +339,21 @@ class Vqa(Task):
         from vlp_cli.data.datasets import Collator
 
         answers = self.state["answers"]
-        items = [TaskDataset.item(builder.text(tokenizer(q, add_special_tokens=False).input_ids,
-                                               builder.tag_ids(img.tag_classes),
-                                               self.section(self.recipe).max_text_len), img)
-                 for img, q in zip(images, questions)]
+        items = []
+        for img, q in zip(images, questions):
+            text, at = question_text(builder, tokenizer(q, add_special_tokens=False).input_ids,
+                                     builder.tag_ids(img.tag_classes),
+                                     self.section(self.recipe).max_text_len, self.masked)
+            items.append(TaskDataset.item(text, img, answer_pos=at))
         model.eval()
         with torch.no_grad():
-            batch = {k: v.to(device) for k, v in Collator(builder.pad_id)(items).items()}
-            probs = model.cls_logits(self.name, encode(model, batch)).float().sigmoid()
+            batch = Collator(builder.pad_id)(items)
+            batch["answer_pos"] = longs(items, "answer_pos")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = self.logits(model, batch, encode(model, batch)).float()
+            # the head's sigmoid estimates the soft score; the masked head's softmax shares
+            # one unit among the answers
+            probs = logits.softmax(-1) if self.masked else logits.sigmoid()
             scores, idx = probs.topk(min(top, len(answers)), dim=-1)
         return [[(answers[i], float(s)) for s, i in zip(srow, irow)]
                 for srow, irow in zip(scores.tolist(), idx.tolist())]
