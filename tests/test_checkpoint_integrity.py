@@ -98,3 +98,31 @@ def test_damage_is_one_line(tiny_data: dict, vqa_ckpt: Path, tmp_path: Path, cas
     assert not (ck.parent / f"{ck.name}-eval").exists()
     res = CliRunner().invoke(app, ["verify", str(ck)])
     assert res.exit_code == 1 and want in res.output and "Traceback" not in res.output
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoint_there(
+        tiny_data: dict, vqa_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from conftest import one_error_line
+    from vlp_cli.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+
+    def full(*args, **kwargs):  # what safetensors raises when the disk fills mid-write
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                              'StorageFull, message: "No space left on device" })')
+
+    kept = _copy(vqa_ckpt, tmp_path, "kept")
+    model, tok, meta = load_checkpoint(kept)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as exc:
+        save_checkpoint(kept, model, tok, {**meta, "step": 99})
+    assert exc.value.errno == errno.ENOSPC and exc.value.filename.endswith("model.safetensors")
+    assert verify_checkpoint(kept)["ok"] and load_checkpoint(kept)[2]["step"] == meta["step"]
+    res = CliRunner().invoke(app, ["finetune", "vqa", "-k", str(vqa_ckpt), "-c",
+                                   str(tiny_data["corpus"]), "-f", str(tiny_data["features"]),
+                                   "-o", str(tmp_path / "full"),
+                                   *[a for x in tiny_recipe_sets() for a in ("--set", x)]])
+    assert "no space left on device" in one_error_line(res)

@@ -119,10 +119,8 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, meta: dic
     """
     import shutil
 
-    from safetensors.torch import save_file
-
     from vlp_cli.config import save_recipe
-    from vlp_cli.runstate import fsync_dir, write_manifest
+    from vlp_cli.runstate import fsync_dir, save_safetensors, write_manifest
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +129,8 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, meta: dic
         shutil.rmtree(tmp)
     tmp.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "vlp_version": __version__})
+    # A failed write (a full disk) leaves only the partial folder; what OUT held is untouched.
+    save_safetensors(state, tmp / WEIGHTS, {"format": "pt", "vlp_version": __version__})
     (tmp / CONFIG).write_text(json.dumps({"model_type": "vlp", **model.config.to_dict()},
                                          indent=2), encoding="utf-8")
     tokenizer.save_pretrained(str(tmp))

@@ -98,10 +98,27 @@ def write_json(path: Path, obj: Any) -> None:
     write_bytes_durably(path, json.dumps(obj, indent=1).encode())
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, its I/O failures raised as the OSError they are (a full disk:
+    ENOSPC, naming the file), so the CLI prints one line for them as for any other write."""
+    import re
+
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as exc:  # "... IoError(Os { code: 28, kind: StorageFull, ...
+        code = re.search(r"os error (\d+)|code: (\d+)", str(exc))
+        if code is None:
+            raise
+        n = int(code.group(1) or code.group(2))
+        raise OSError(n, os.strerror(n), str(path)) from exc
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
     with path.open("rb+") as f:
         os.fsync(f.fileno())
 
