@@ -54,6 +54,11 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     # (an answer vocabulary...) is the same; otherwise it starts fresh. A head of the
     # pre-training that the task reads as it is (VQA's answers from the masked-token head) is
     # kept whatever the state.
+    had = {h["name"] for h in model.config.heads}
+    for name in task.pretrained_heads:
+        if name not in had:
+            logger.warning("%s has no '%s' head (pre-trained without a masked-token "
+                           "objective): %s's starts fresh", checkpoint, name, task.name)
     model.with_heads(task.heads(ctx), keep=task.state_from_meta(src_meta) == task.state,
                      seed=recipe.seed, always_keep=task.pretrained_heads)
     task.adapt_model(model)
