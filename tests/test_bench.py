@@ -432,3 +432,12 @@ def test_retrieval_eval_bench_is_well_formed() -> None:
     # The model learnt something (chance is 5); how much moves from run to run (R@10 of 98,
     # 89 and 23 in three runs), so only twice chance is asked here.
     assert r["full"]["t2i_r10"] > 10
+
+
+def test_backbone_bench_is_well_formed_and_the_trunks_agree() -> None:
+    from vlp_cli.benches.backbone import bench_backbone
+
+    r = bench_backbone(reps=1, batch=1, size=(64, 64), calls=1)
+    assert set(r) >= {"ratio", "target", "met", "ratios", "max_abs_diff", "ms_per_image"}
+    assert r["ratio"] > 0 and len(r["ratios"]) == 1
+    assert r["max_abs_diff"] < 1e-3  # within one fp16 step of the stored features

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from vlp_cli.benches.backbone import bench_backbone
 from vlp_cli.benches.extract import bench_extract
 from vlp_cli.benches.collate import bench_collate
 from vlp_cli.benches.decode import bench_decode
@@ -22,6 +23,7 @@ from vlp_cli.benches.train_step import bench_train_step
 BENCHES: dict[str, Callable[..., dict]] = {
     "pipeline": bench_pipeline,
     "extract": bench_extract,
+    "backbone": bench_backbone,
     "store-read": bench_store_read,
     "extract-memory": bench_extract_memory,
     "padding": bench_padding,
