@@ -287,6 +287,35 @@ def test_vcr_finetunes_evaluates_and_scores(pretrained: Path, task_data: dict,
     again = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert {k: again[k] for k in ("q_a", "qa_r", "q_ar")} == \
         {k: pytest.approx(metrics[k]) for k in ("q_a", "qa_r", "q_ar")}
+    # The leaderboard's CSV: the rationales given each answer; scored as the leaderboard does
+    # (the rationale columns of the right answer), it gives the same figures.
+    lines = (ev / "vcr_leaderboard.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[0].split(",")[:2] == ["annot_id", "answer_0"]
+    assert len(lines[0].split(",")) == 21 and lines[0].endswith("rationale_conditioned_on_a3_3")
+    for r in rows:
+        assert r["rationale_probs"] == r["rationale_probs_given"][r["answer"]]
+    res = cli("evaluate", "vcr", "--predictions", ev / "vcr_leaderboard.csv", "--references",
+              task_data["root"] / "vcr" / "heldout.jsonl", "-o", tmp_path / "l")
+    assert res.exit_code == 0, res.output
+    board = json.loads((tmp_path / "l" / "metrics.json").read_text())
+    assert {k: board[k] for k in ("q_a", "qa_r", "q_ar")} == \
+        {k: pytest.approx(metrics[k]) for k in ("q_a", "qa_r", "q_ar")}
+    # VCR's test file has no labels: its questions are predicted, written for the
+    # leaderboard, and not scored.
+    unlabelled = tmp_path / "test.jsonl"
+    unlabelled.write_text("".join(
+        json.dumps({k: v for k, v in json.loads(x).items()
+                    if k not in ("answer_label", "rationale_label")}) + "\n"
+        for x in (task_data["root"] / "vcr" / "heldout.jsonl").read_text().splitlines()))
+    res = cli("build-corpus", task_data["root"] / "vcr" / "train.jsonl", unlabelled, "-f",
+              task_data["features"], "-o", tmp_path / "tc", *SETS)
+    assert res.exit_code == 0, res.output
+    res = cli("evaluate", "vcr", "-k", tmp_path / "ft", "-c", tmp_path / "tc", "-f",
+              task_data["features"], "-o", tmp_path / "tev")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "tev" / "metrics.json").read_text())
+    assert m["questions"] == 2 and m["q_ar"] is None
+    assert len((tmp_path / "tev" / "vcr_leaderboard.csv").read_text().splitlines()) == 3
 
 
 def test_vcr_scores_hand_checked(tmp_path: Path) -> None:

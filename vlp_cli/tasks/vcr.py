@@ -16,13 +16,20 @@ Second-stage pre-training (UNITER): `vlp pretrain` on a VCR corpus with the obje
 kind "vcr" (`--set mlm.text=[vcr] mrfr.text=[vcr] mrckl.text=[vcr]`), whose first text is
 the question with its right answer and rationale.
 
-The results file `vcr_results.json` holds each question's answer and rationale probabilities
-(the rationale's given the right answer); VCR's leaderboard wants rationale probabilities
-given each of the four answers, which this file does not have.
+Evaluation scores the rationales given each of the four answers (20 sequences a question), as
+VCR's leaderboard wants them, so an unlabelled split (VCR's test file) is predicted too:
+`vcr_leaderboard.csv` is the leaderboard's submission, `annot_id, answer_0..3,
+rationale_conditioned_on_a{i}_{j}`; `vcr_results.json` keeps each question's answer
+probabilities and the rationale's given the right answer (given the predicted one in an
+unlabelled split). QA->R is read as the leaderboard reads it: the rationale argmax given the
+right answer. `vlp evaluate vcr --predictions` scores either file.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,10 +47,17 @@ if TYPE_CHECKING:
 
     from vlp_cli.model import HeadSpec, VLPModel
 
+logger = logging.getLogger(__name__)
+
 KIND = "vcr"
 CHOICES = 4
 RESULTS_FILE = "vcr_results.json"
+LEADERBOARD_FILE = "vcr_leaderboard.csv"
 STAGES = ("q_a", "qa_r")
+# The leaderboard's columns (r2c's models/README.md, "Submitting to the leaderboard").
+LEADERBOARD_COLUMNS = ["annot_id", *(f"answer_{j}" for j in range(CHOICES)),
+                       *(f"rationale_conditioned_on_a{i}_{j}" for i in range(CHOICES)
+                         for j in range(CHOICES))]
 
 
 class VcrDataset(TaskDataset):
@@ -89,6 +103,28 @@ class VcrDataset(TaskDataset):
             text = self.builder.text_lengths(words, tags, self.max_text_len)
             out[stage::2] = CHOICES * np.stack([text, regions], 1)
         return out
+
+
+class VcrEvalDataset(VcrDataset):
+    """Item 5k + g: question k, group g: 0 its four answers (Q->A), 1 + a its four rationales
+    given answer a (QA->R given each answer, as the leaderboard scores them); labels unused."""
+
+    def __len__(self) -> int:
+        return (1 + CHOICES) * len(self.indices)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        idx = int(self.indices[i // (1 + CHOICES)])
+        g = i % (1 + CHOICES)
+        ex = self.corpus.get(idx)
+        seg = ex["segments"]
+        context = seg[1] if g == 0 else [*seg[1], *seg[2 + g - 1]]
+        choices = seg[2:2 + CHOICES] if g == 0 else seg[2 + CHOICES:2 + 2 * CHOICES]
+        img = self.builder.regions(ex["images"][0])
+        tags = self.builder.tag_ids(img.tag_classes)
+        return [self.item(self.builder.text([*context, self.builder.sep_id, *c], tags,
+                                            self.max_text_len), img,
+                          label=0, right=0, index=idx, stage=int(g > 0))
+                for c in choices]
 
 
 def _words(seg: list[list[int]], answer: int, stage: int) -> int:
@@ -154,33 +190,47 @@ class Vcr(Task):
                  accelerator: Any) -> tuple[dict, list[dict]]:
         from vlp_cli.data.datasets import Collator
 
-        ds = self.dataset(ctx, split, 0)
-        ds.indices = ctx.corpus.require(KIND, split)[:limit]
-        unlabelled = [int(i) for i in ds.indices if ctx.corpus.get(int(i))["label"]["answer"] < 0]
-        if unlabelled:
-            raise VlpError(f"corpus {ctx.corpus.path}: {len(unlabelled)} '{split}' questions "
-                           "have no labels (VCR's test file): evaluate the val split; QA->R "
-                           "needs the right answer")
+        ds = VcrEvalDataset(ctx.corpus, ctx.builder, ctx.corpus.require(KIND, split)[:limit],
+                            self.recipe.vcr.max_text_len)
         probs = sharded_map(accelerator, ds, Collator(ctx.builder.pad_id, self.collate),
                             lambda b: self.choice_scores(model, b)[1].softmax(-1),
                             self.recipe.vcr.train.batch_size, "vcr eval").numpy()
         rows = []
         for k, i in enumerate(ds.indices.tolist()):
             ex = ctx.corpus.get(i)
-            a, r = probs[2 * k], probs[2 * k + 1]
+            group = probs[(1 + CHOICES) * k:(1 + CHOICES) * (k + 1)]
+            a, given = group[0], group[1:]  # [4], [4 answers, 4 rationales]
+            # the rationale given the right answer (the predicted one when unlabelled)
+            r = given[ex["label"]["answer"] if ex["label"]["answer"] >= 0 else int(a.argmax())]
             rows.append({"annot_id": ex["id"], "answer_probs": a.tolist(),
-                         "rationale_probs": r.tolist(), "answer_pred": int(a.argmax()),
-                         "rationale_pred": int(r.argmax()), **ex["label"]})
+                         "rationale_probs": r.tolist(),
+                         "rationale_probs_given": given.tolist(),
+                         "answer_pred": int(a.argmax()), "rationale_pred": int(r.argmax()),
+                         **ex["label"]})
+        unlabelled = sum(min(r["answer"], r["rationale"]) < 0 for r in rows)
+        if unlabelled:
+            logger.info("%d of %d questions have no labels (VCR's test file): predicted, not "
+                        "scored; %s is the leaderboard's submission", unlabelled, len(rows),
+                        LEADERBOARD_FILE)
         return vcr_metrics(rows), rows
 
     def result_files(self, predictions: list[dict]) -> dict[str, Any]:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(LEADERBOARD_COLUMNS)
+        for p in predictions:
+            w.writerow([p["annot_id"], *p["answer_probs"],
+                        *(x for row in p["rationale_probs_given"] for x in row)])
         return {RESULTS_FILE: [{k: p[k] for k in ("annot_id", "answer_probs",
-                                                  "rationale_probs")} for p in predictions]}
+                                                  "rationale_probs")} for p in predictions],
+                LEADERBOARD_FILE: buf.getvalue()}
 
     def score_files(self, predictions: Path, references: Path) -> tuple[dict, list[dict]]:
         from vlp_cli.readers import vcr
         from vlp_cli.readers.files import load_json
 
+        if predictions.suffix.lower() == ".csv":
+            return self._score_leaderboard(predictions, references)
         data = load_json(predictions, "--predictions")
         ok = isinstance(data, list) and all(
             isinstance(d, dict) and "annot_id" in d and all(
@@ -201,6 +251,44 @@ class Vcr(Task):
                                f"{e['id']!r} of {references}; answer every question")
             rows.append({"annot_id": e["id"], "answer_pred": int(np.argmax(d["answer_probs"])),
                          "rationale_pred": int(np.argmax(d["rationale_probs"])), **e["label"]})
+        return vcr_metrics(rows), rows
+
+    def _score_leaderboard(self, predictions: Path, references: Path) -> tuple[dict,
+                                                                              list[dict]]:
+        """A leaderboard CSV, scored as the leaderboard scores it: the answer argmax, and the
+        rationale argmax among the columns conditioned on the right answer."""
+        from vlp_cli.readers import vcr
+
+        try:
+            text = predictions.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VlpError(f"--predictions {predictions}: cannot be read ({exc})") from None
+        reader = csv.DictReader(io.StringIO(text))
+        missing = [c for c in LEADERBOARD_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise VlpError(f"--predictions {predictions}: not VCR's leaderboard CSV, no "
+                           f"column {missing[0]!r} (the header is annot_id, answer_0..3, "
+                           "rationale_conditioned_on_a{i}_{j})")
+        preds = {}
+        for n, row in enumerate(reader, 2):
+            try:
+                preds[row["annot_id"]] = [float(row[c]) for c in LEADERBOARD_COLUMNS[1:]]
+            except (TypeError, ValueError):
+                raise VlpError(f"--predictions {predictions} line {n}: every column but "
+                               "annot_id is a number") from None
+        rows = []
+        for e in vcr.read(str(references), references.parent):
+            a, r = e["label"]["answer"], e["label"]["rationale"]
+            if min(a, r) < 0:
+                raise VlpError(f"--references {references}: question {e['id']} has no labels "
+                               "(VCR's test file): score against the val file")
+            v = preds.get(e["id"])
+            if v is None:
+                raise VlpError(f"--predictions {predictions}: no row for {e['id']!r} of "
+                               f"{references}; answer every question")
+            given = v[CHOICES + CHOICES * a:CHOICES + CHOICES * (a + 1)]
+            rows.append({"annot_id": e["id"], "answer_pred": int(np.argmax(v[:CHOICES])),
+                         "rationale_pred": int(np.argmax(given)), **e["label"]})
         return vcr_metrics(rows), rows
 
 
