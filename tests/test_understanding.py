@@ -281,25 +281,20 @@ def test_vcr_finetunes_evaluates_and_scores(pretrained: Path, task_data: dict,
     both = np.mean([r["answer_pred"] == r["answer"] and r["rationale_pred"] == r["rationale"]
                     for r in rows])
     assert metrics["q_ar"] == pytest.approx(100 * both)
-    res = cli("evaluate", "vcr", "--predictions", ev / "vcr_results.json", "--references",
-              task_data["root"] / "vcr" / "heldout.jsonl", "-o", tmp_path / "s")
-    assert res.exit_code == 0, res.output
-    again = json.loads((tmp_path / "s" / "metrics.json").read_text())
-    assert {k: again[k] for k in ("q_a", "qa_r", "q_ar")} == \
-        {k: pytest.approx(metrics[k]) for k in ("q_a", "qa_r", "q_ar")}
-    # The leaderboard's CSV: the rationales given each answer; scored as the leaderboard does
-    # (the rationale columns of the right answer), it gives the same figures.
+    # Both results files, the leaderboard's CSV (the rationales given each answer, of which
+    # the scoring reads the right answer's) too, score to the same figures.
     lines = (ev / "vcr_leaderboard.csv").read_text().splitlines()
     assert len(lines) == 3 and lines[0].split(",")[:2] == ["annot_id", "answer_0"]
     assert len(lines[0].split(",")) == 21 and lines[0].endswith("rationale_conditioned_on_a3_3")
     for r in rows:
         assert r["rationale_probs"] == r["rationale_probs_given"][r["answer"]]
-    res = cli("evaluate", "vcr", "--predictions", ev / "vcr_leaderboard.csv", "--references",
-              task_data["root"] / "vcr" / "heldout.jsonl", "-o", tmp_path / "l")
-    assert res.exit_code == 0, res.output
-    board = json.loads((tmp_path / "l" / "metrics.json").read_text())
-    assert {k: board[k] for k in ("q_a", "qa_r", "q_ar")} == \
-        {k: pytest.approx(metrics[k]) for k in ("q_a", "qa_r", "q_ar")}
+    for name in ("vcr_results.json", "vcr_leaderboard.csv"):
+        res = cli("evaluate", "vcr", "--predictions", ev / name, "--references",
+                  task_data["root"] / "vcr" / "heldout.jsonl", "-o", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        again = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert {k: again[k] for k in ("q_a", "qa_r", "q_ar")} == \
+            {k: pytest.approx(metrics[k]) for k in ("q_a", "qa_r", "q_ar")}
     # VCR's test file has no labels: its questions are predicted, written for the
     # leaderboard, and not scored.
     unlabelled = tmp_path / "test.jsonl"
@@ -331,6 +326,25 @@ def test_vcr_scores_hand_checked(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "s" / "metrics.json").read_text())
     assert (m["q_a"], m["qa_r"], m["q_ar"]) == (100.0, 50.0, 50.0)
+    # The leaderboard's CSV: only the rationale columns given the right answer count
+    # (val-0's given answer 0 pick rationale 0, wrong; val-1's given answer 1 pick 0, right,
+    # while its columns given answer 0 would pick 3).
+    header = ["annot_id", *(f"answer_{j}" for j in range(4)),
+              *(f"rationale_conditioned_on_a{i}_{j}" for i in range(4) for j in range(4))]
+    one_hot = {0: [.7, .1, .1, .1], 1: [.1, .7, .1, .1], 3: [.1, .1, .1, .7]}
+    rows = [["val-0", *one_hot[0], *one_hot[0], *one_hot[1], *one_hot[1], *one_hot[1]],
+            ["val-1", *one_hot[1], *one_hot[3], *one_hot[0], *one_hot[3], *one_hot[3]]]
+    (tmp_path / "board.csv").write_text("\n".join(",".join(map(str, r))
+                                                  for r in [header, *rows]) + "\n")
+    res = cli("evaluate", "vcr", "--predictions", tmp_path / "board.csv", "--references", path,
+              "-o", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (m["q_a"], m["qa_r"], m["q_ar"]) == (100.0, 50.0, 50.0)
+    (tmp_path / "bad.csv").write_text("annot_id,answer_0\nval-0,1\n")
+    err = one_error_line(cli("evaluate", "vcr", "--predictions", tmp_path / "bad.csv",
+                             "--references", path, "-o", tmp_path / "c"))
+    assert "answer_1" in err and "leaderboard" in err
 
 
 def test_vcr_second_stage_pretraining_on_its_text(task_data: dict, tmp_path: Path) -> None:

@@ -226,7 +226,6 @@ class Vcr(Task):
                 LEADERBOARD_FILE: buf.getvalue()}
 
     def score_files(self, predictions: Path, references: Path) -> tuple[dict, list[dict]]:
-        from vlp_cli.readers import vcr
         from vlp_cli.readers.files import load_json
 
         if predictions.suffix.lower() == ".csv":
@@ -239,26 +238,13 @@ class Vcr(Task):
         if not ok:
             raise VlpError(f"--predictions {predictions}: expected a list of {{\"annot_id\", "
                            f"\"answer_probs\": [{CHOICES}], \"rationale_probs\": [{CHOICES}]}}")
-        preds = {d["annot_id"]: d for d in data}
-        rows = []
-        for e in vcr.read(str(references), references.parent):
-            if min(e["label"].values()) < 0:
-                raise VlpError(f"--references {references}: question {e['id']} has no labels "
-                               "(VCR's test file): score against the val file")
-            d = preds.get(e["id"])
-            if d is None:
-                raise VlpError(f"--predictions {predictions}: no probabilities for "
-                               f"{e['id']!r} of {references}; answer every question")
-            rows.append({"annot_id": e["id"], "answer_pred": int(np.argmax(d["answer_probs"])),
-                         "rationale_pred": int(np.argmax(d["rationale_probs"])), **e["label"]})
-        return vcr_metrics(rows), rows
+        preds = {d["annot_id"]: (d["answer_probs"], d["rationale_probs"]) for d in data}
+        return _scored(preds, predictions, references)
 
     def _score_leaderboard(self, predictions: Path, references: Path) -> tuple[dict,
                                                                               list[dict]]:
         """A leaderboard CSV, scored as the leaderboard scores it: the answer argmax, and the
         rationale argmax among the columns conditioned on the right answer."""
-        from vlp_cli.readers import vcr
-
         try:
             text = predictions.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -269,27 +255,41 @@ class Vcr(Task):
             raise VlpError(f"--predictions {predictions}: not VCR's leaderboard CSV, no "
                            f"column {missing[0]!r} (the header is annot_id, answer_0..3, "
                            "rationale_conditioned_on_a{i}_{j})")
-        preds = {}
+        preds: dict[str, Any] = {}
         for n, row in enumerate(reader, 2):
             try:
-                preds[row["annot_id"]] = [float(row[c]) for c in LEADERBOARD_COLUMNS[1:]]
+                v = [float(row[c]) for c in LEADERBOARD_COLUMNS[1:]]
             except (TypeError, ValueError):
                 raise VlpError(f"--predictions {predictions} line {n}: every column but "
                                "annot_id is a number") from None
-        rows = []
-        for e in vcr.read(str(references), references.parent):
-            a, r = e["label"]["answer"], e["label"]["rationale"]
-            if min(a, r) < 0:
-                raise VlpError(f"--references {references}: question {e['id']} has no labels "
-                               "(VCR's test file): score against the val file")
-            v = preds.get(e["id"])
-            if v is None:
-                raise VlpError(f"--predictions {predictions}: no row for {e['id']!r} of "
-                               f"{references}; answer every question")
-            given = v[CHOICES + CHOICES * a:CHOICES + CHOICES * (a + 1)]
-            rows.append({"annot_id": e["id"], "answer_pred": int(np.argmax(v[:CHOICES])),
-                         "rationale_pred": int(np.argmax(given)), **e["label"]})
-        return vcr_metrics(rows), rows
+            # the rationales given each answer: the scoring picks the right answer's
+            preds[row["annot_id"]] = (v[:CHOICES], [v[CHOICES * (1 + i):CHOICES * (2 + i)]
+                                                    for i in range(CHOICES)])
+        return _scored(preds, predictions, references)
+
+
+def _scored(preds: dict[str, tuple], predictions: Path,
+            references: Path) -> tuple[dict, list[dict]]:
+    """Rows and metrics of predictions {annot_id: (answer probs, rationale probs)} against a
+    labelled VCR file; the rationale probs are given the right answer, or a list of them
+    given each answer (the leaderboard's), of which the right answer's is read."""
+    from vlp_cli.readers import vcr
+
+    rows = []
+    for e in vcr.read(str(references), references.parent):
+        a = e["label"]["answer"]
+        if min(e["label"].values()) < 0:
+            raise VlpError(f"--references {references}: question {e['id']} has no labels "
+                           "(VCR's test file): score against the val file")
+        if e["id"] not in preds:
+            raise VlpError(f"--predictions {predictions}: no probabilities for {e['id']!r} "
+                           f"of {references}; answer every question")
+        answer, rationale = preds[e["id"]]
+        if rationale and isinstance(rationale[0], list):
+            rationale = rationale[a]
+        rows.append({"annot_id": e["id"], "answer_pred": int(np.argmax(answer)),
+                     "rationale_pred": int(np.argmax(rationale)), **e["label"]})
+    return vcr_metrics(rows), rows
 
 
 TASK = Vcr()
