@@ -347,14 +347,26 @@ def test_vcr_scores_hand_checked(tmp_path: Path) -> None:
     assert "answer_1" in err and "leaderboard" in err
 
 
-def test_vcr_second_stage_pretraining_on_its_text(task_data: dict, tmp_path: Path) -> None:
-    """UNITER's second stage: the masked objectives read the VCR questions with their right
-    answer and rationale (kind "vcr")."""
+def test_vcr_second_stage_pretraining_on_its_text(pretrained: Path, task_data: dict,
+                                                  tmp_path: Path) -> None:
+    """UNITER's second stage: from the first stage's checkpoint (`model.init`), the masked
+    objectives read the VCR questions with their right answer and rationale (kind "vcr")."""
+    from safetensors.torch import load_file
+
     res = cli("pretrain", "recipes/tiny.yaml", "-c", task_data["corpus"], "-f",
               task_data["features"], "-o", tmp_path / "pre2", *SETS, "--set",
               "pretrain.tasks={mlm: 1, mrfr: 1, mrckl: 1}", "--set", "mlm.text=[vcr]",
-              "--set", "mrfr.text=[vcr]", "--set", "mrckl.text=[vcr]")
+              "--set", "mrfr.text=[vcr]", "--set", "mrckl.text=[vcr]", "--set",
+              f"model.init={pretrained}", "--set", "seed=7")
     assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "pre2" / "meta.json").read_text())
+    assert meta["init"] == str(pretrained)
+    # The encoder goes on from the first stage (a fresh start, from another seed, would share
+    # nothing with it).
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    first = load_file(str(pretrained / "model.safetensors"))[key].flatten()
+    second = load_file(str(tmp_path / "pre2" / "model.safetensors"))[key].flatten()
+    assert torch.corrcoef(torch.stack([first, second]))[0, 1] > 0.9
     rows = [json.loads(x) for x in (tmp_path / "pre2" / "metrics.jsonl").read_text()
             .splitlines()]
     held = [r for r in rows if r["split"] == "val"][-1]
@@ -389,3 +401,12 @@ def test_mistakes_in_scoring_and_settings_are_one_line(task_data: dict, tmp_path
                              task_data["features"], "--out", tmp_path / "e", "--set",
                              "corpus.image_keys={lower}.npz"))
     assert "not valid YAML" in err and "quote" in err
+
+
+def test_architecture_keys_a_checkpoint_fixes_are_named_not_silently_dropped(
+        pretrained: Path, task_data: dict, tmp_path: Path) -> None:
+    io_ = ["-c", task_data["corpus"], "-f", task_data["features"]]
+    res = cli("finetune", "snli-ve", "-k", pretrained, *io_, "-o", tmp_path / "ft", *SETS,
+              "--set", "model.pos_fourier=3")
+    assert res.exit_code == 0, res.output
+    assert "model.pos_fourier 3 is not used" in " ".join(res.output.split()), res.output

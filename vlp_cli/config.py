@@ -223,7 +223,8 @@ class ModelCfg:
     """The single-stream encoder and its heads."""
 
     # HF BERT checkpoint dir or hub id; or a random model of a preset's size (model.py):
-    # "random:tiny" (tests), "random:base", "random:large"
+    # "random:tiny" (tests), "random:base", "random:large"; or a vlp checkpoint, from which
+    # `vlp pretrain` goes on (UNITER's second stage on VCR)
     init: str = "embedded:minilm"
     img_dropout: float = prob(0.1)
     # How regions enter the encoder. "uniter": LN(Linear(features)) + LN(Linear(7 position

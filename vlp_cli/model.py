@@ -83,7 +83,7 @@ class ModelConfig:
         return [HeadSpec(**h) for h in self.heads]
 
 
-def tiny_bert(vocab_size: int) -> dict[str, Any]:
+def tiny_bert(vocab_size: int) -> dict[str, Any]:  # presets: `model.init: random:NAME`
     """A BERT small enough for unit tests (transformers' BertModelTester sizes)."""
     return dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                 num_attention_heads=4, intermediate_size=37, max_position_embeddings=512,
@@ -104,19 +104,15 @@ def large_bert(vocab_size: int) -> dict[str, Any]:
                 type_vocab_size=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 
 
-# `model.init: random:NAME`: the architecture of a preset, randomly initialised.
 PRESETS = {"tiny": tiny_bert, "base": base_bert, "large": large_bert}
 
 
 def fourier_positions(pos: torch.Tensor, octaves: int) -> torch.Tensor:
     """[..., P] -> [..., P * (1 + 2 * octaves)]: the numbers, then sin and cos of pi 2^k x.
 
-    UNITER's LN(Linear(7 numbers)) is blind to a box's scale: with the Linear's bias near
-    zero (it starts at zero and hardly moves), LN(W p) = LN(W 2p), so a small and a large box
-    with the same centre and shape embed alike, and boxes in different places differ by a
-    few degrees (cosine 0.96-0.99 between a centred box, a smaller one and one on the right,
-    in an Oscar-only checkpoint of the demo). Sines and cosines of the numbers are not linear
-    in them, so size and place each turn the embedding."""
+    UNITER's LN(Linear(7 numbers)) is blind to a box's scale (its bias stays near zero, and
+    LN(W p) = LN(W 2p)); sines and cosines are not linear in the numbers, so size and place
+    each turn the embedding (README, "Where the box is")."""
     if octaves <= 0:
         return pos
     freqs = torch.pi * 2.0 ** torch.arange(octaves, dtype=pos.dtype, device=pos.device)
@@ -385,16 +381,13 @@ class VLPModel(nn.Module):
 
     def word_choice_logits(self, head: str, states: torch.Tensor, pieces: torch.Tensor,
                            weights: torch.Tensor) -> torch.Tensor:
-        """A masked-token head read as a classifier over a fixed list of choices (answers):
-        states [B, H] (each at its [MASK]), each choice the mean of its word pieces' output
-        embeddings and biases (pieces [C, K] padded, weights [C, K] summing to 1 per row), so
-        the choices start where pre-training left the words. [B, C]."""
+        """A masked-token head as a classifier over choices, states [B, H] -> [B, C]: each
+        choice the mean of its pieces' output embeddings and biases (pieces, weights [C, K])."""
         m = self.heads[head]
         x = m.norm(m.act(m.dense(states)))
         emb = (self.bert.embeddings.word_embeddings.weight[pieces]
                * weights[..., None].to(x.dtype)).sum(1)  # [C, H]
-        bias = (m.bias[pieces] * weights.to(m.bias.dtype)).sum(1)  # [C]
-        return x @ emb.t() + bias
+        return x @ emb.t() + (m.bias[pieces] * weights.to(m.bias.dtype)).sum(1)
 
     def cls_logits(self, head: str, hidden: torch.Tensor) -> torch.Tensor:
         """A classifier head on the pooled [CLS]: [B, size]."""
@@ -429,10 +422,9 @@ class VLPModel(nn.Module):
 
     def with_heads(self, specs: list[HeadSpec], keep: bool = True,
                    seed: int | None = None, always_keep: tuple[str, ...] = ()) -> VLPModel:
-        """Keep exactly these heads: those already here with the same spec keep their weights
-        (unless `keep` is False; those named in `always_keep` whatever `keep` says), the others
-        start fresh (from (seed, name) when `seed` is given). The config is replaced, never
-        changed in place (a checkpoint's config may be shared)."""
+        """Keep exactly these heads: those here with the same spec keep their weights (unless
+        `keep` is False; those in `always_keep` whatever it says), others start fresh (from
+        (seed, name) with `seed`). The config is replaced, never changed in place."""
         have = {s.name: s for s in self.config.head_specs()}
         heads = nn.ModuleDict()
         for spec in specs:

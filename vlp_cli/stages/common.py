@@ -175,6 +175,16 @@ def apply_model_options(model: Any, recipe: Recipe) -> None:
         model.enable_checkpointing()
 
 
+def warn_fixed_model_keys(recipe: Recipe, model: Any, checkpoint: Any) -> None:
+    """A model loaded from a checkpoint keeps its architecture: name the recipe's model keys
+    that ask for another (`--set model.pos_fourier=4` on a checkpoint built with 0)."""
+    for key in ("image_embedder", "pos_fourier"):
+        if getattr(recipe.model, key) != getattr(model.config, key):
+            logger.warning("model.%s %r is not used: %s was built with %r, and goes on so "
+                           "(set it when pre-training from a text encoder)", key,
+                           getattr(recipe.model, key), checkpoint, getattr(model.config, key))
+
+
 def freeze_unused(model: Any, tasks: list[Any]) -> None:
     """Freeze the pooler when no task reads the pooled [CLS] (captioning): every parameter
     left trainable then gets a gradient in every step, as DDP without unused-parameter search

@@ -21,6 +21,7 @@ from vlp_cli.stages.common import (
     prepare_out,
     run_identity,
     seed_everything,
+    warn_fixed_model_keys,
 )
 from vlp_cli.training import TrainTask, train
 
@@ -40,6 +41,7 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     seed_everything(recipe.seed)
     o = open_checkpoint_inputs(checkpoint, corpus, features)
     model, tok, src_meta, c, store = o.model, o.tokenizer, o.meta, o.corpus, o.features
+    warn_fixed_model_keys(recipe, model, checkpoint)
     if src_meta.get("task") not in (None, "pretrain", task.name):
         logger.warning("%s was fine-tuned for %s; fine-tuning it again for %s", checkpoint,
                        src_meta.get("task"), task.name)

@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from vlp_cli import VlpError
-from vlp_cli.checkpoint import load_tokenizer, quiet_transformers, save_checkpoint
+from vlp_cli.checkpoint import is_checkpoint, load_tokenizer, quiet_transformers, save_checkpoint
 from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import Collator
 from vlp_cli.data.examples import ExampleBuilder
@@ -24,8 +25,12 @@ from vlp_cli.stages.common import (
     prepare_out,
     run_identity,
     seed_everything,
+    warn_fixed_model_keys,
 )
 from vlp_cli.training import TrainTask, train
+
+if TYPE_CHECKING:
+    from vlp_cli.model import VLPModel
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +82,31 @@ def _labels(paths: list[Path]) -> list[str]:
     names = [p.name or str(p) for p in paths]
     return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
 
+
+
+def continued(recipe: Recipe, features: Any, pos_dim: int, heads: list) -> VLPModel:
+    """A vlp checkpoint as `model.init`: pre-training goes on from it (UNITER's second stage
+    on VCR's text starts from the first stage's weights). Its encoder, region embedding and
+    the heads whose spec the objectives repeat are kept; other heads start fresh. The
+    architecture is the checkpoint's: the recipe's model keys that differ are named."""
+    from vlp_cli.checkpoint import load_checkpoint
+
+    path = recipe.model.init
+    model, _, meta = load_checkpoint(path)
+    c = model.config
+    if c.img_feat_dim != features.feature_dim:
+        raise VlpError(f"model.init {path}: its regions are {c.img_feat_dim}-d, the features "
+                       f"{features.path} {features.feature_dim}-d: extract with the recipe it "
+                       "was pre-trained with")
+    if c.pos_dim != pos_dim:
+        raise VlpError(f"model.init {path}: it reads {c.pos_dim} position numbers, "
+                       f"data.pos_kind gives {pos_dim}: set data.pos_kind as it was trained")
+    warn_fixed_model_keys(recipe, model, path)
+    kept = [h.name for h in heads if any(h == g for g in c.head_specs())]
+    model.with_heads(heads, keep=True, seed=recipe.seed)
+    logger.info("continuing from %s (%s, step %s); heads kept: %s", path, meta.get("task"),
+                meta.get("step"), ", ".join(kept) or "none")
+    return model
 
 def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[Path] | None,
         out: Path, resume: bool = False, auto_resume: bool = False) -> Path:
@@ -146,11 +176,14 @@ def run(recipe: Recipe, corpus: Path | list[Path] | None, features: Path | list[
             if not same:
                 heads.append(h)
     builder = ctxs[0].builder
-    model = VLPModel.from_text_encoder(
-        resolve_text_encoder(recipe.model.init), first.feature_dim, heads,
-        pos_dim=builder.pos_dim, img_dropout=recipe.model.img_dropout, vocab_size=len(tok),
-        seed=recipe.seed, image_embedder=recipe.model.image_embedder,
-        pos_fourier=recipe.model.pos_fourier)
+    if not random_init and is_checkpoint(recipe.model.init):
+        model = continued(recipe, first, builder.pos_dim, heads)
+    else:
+        model = VLPModel.from_text_encoder(
+            resolve_text_encoder(recipe.model.init), first.feature_dim, heads,
+            pos_dim=builder.pos_dim, img_dropout=recipe.model.img_dropout,
+            vocab_size=len(tok), seed=recipe.seed, image_embedder=recipe.model.image_embedder,
+            pos_fourier=recipe.model.pos_fourier)
     apply_model_options(model, recipe)
     freeze_unused(model, objectives)
     tags = _labels([s.corpus for s in sources]) if len(sources) > 1 else [""]

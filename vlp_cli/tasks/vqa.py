@@ -201,7 +201,8 @@ class Vqa(Task):
 
         if self.masked:  # the pre-training's own (tasks/mlm.py declares the same spec)
             return [HeadSpec(MLM_HEAD, "masked_tokens", init="bert_mlm")]
-        return [HeadSpec(self.name, self.section(self.recipe).classifier, len(self.state["answers"]))]
+        return [HeadSpec(self.name, self.section(self.recipe).classifier,
+                         len(self.state["answers"]))]
 
     def logits(self, model: VLPModel, batch: dict, hidden: torch.Tensor) -> torch.Tensor:
         """One score per answer: [B, answers]."""
