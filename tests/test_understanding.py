@@ -170,6 +170,12 @@ def test_answers_at_a_mask_keep_the_pretrained_masked_token_head(pretrained: Pat
     a = load_file(str(pretrained / "model.safetensors"))[key].flatten()
     b = load_file(str(tmp_path / "ft" / "model.safetensors"))[key].flatten()
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9
+    # The checkpoint, not the recipe, says how it answers.
+    res = cli("evaluate", "gqa", "-k", tmp_path / "ft", "-c", task_data["corpus"], "-f",
+              task_data["features"], "-o", tmp_path / "ev2", "--set", "gqa.classifier=mlp")
+    assert res.exit_code == 0, res.output
+    again = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
 def test_the_mask_survives_truncation() -> None:

@@ -156,7 +156,11 @@ class Vqa(Task):
 
     @property
     def masked(self) -> bool:
-        """Answers read at a [MASK] by the masked-token head (`vqa.classifier`)."""
+        """Answers read at a [MASK] by the masked-token head: as the checkpoint was trained
+        (its state keeps the answers' pieces), else as `vqa.classifier` asks."""
+        state = getattr(self, "state", None)
+        if state and "answers" in state:
+            return "answer_pieces" in state
         recipe = getattr(self, "recipe", None)
         return recipe is not None and self.section(recipe).classifier == "masked_tokens"
 
