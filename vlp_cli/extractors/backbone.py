@@ -161,22 +161,29 @@ def fold_batchnorms(trunk: torch.nn.Module) -> None:
                 setattr(module, name, plain)
 
 
-def load_backbone(name: str = "efficientnet-lite0", fine_stride: int = 0) -> Backbone:
-    """Build a backbone with its embedded pretrained weights."""
+def released_trunk() -> torch.nn.Module:
+    """The embedded EfficientNet-lite0 as released (BatchNorms, padding modules), in eval
+    mode; `load_backbone` folds it for inference, `vlp bench backbone` times it as is."""
     from vlp_cli.assets import backbone_weights, package_dir
 
-    if name != "efficientnet-lite0":
-        raise VlpError(f"unknown backbone {name!r}; available: efficientnet-lite0")
     package_dir("backbone-code")
     from efficientnet_lite_pytorch import EfficientNet
 
-    path = backbone_weights()
     # image_size=None selects TF-style 'same' padding computed per input, so any image size
     # gets the padding the weights were trained with.
     trunk = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    trunk.load_state_dict(state)
-    trunk.eval()
+    trunk.load_state_dict(torch.load(backbone_weights(), map_location="cpu", weights_only=True))
+    return trunk.eval()
+
+
+def load_backbone(name: str = "efficientnet-lite0", fine_stride: int = 0) -> Backbone:
+    """Build a backbone with its embedded pretrained weights."""
+    from vlp_cli.assets import backbone_weights
+
+    if name != "efficientnet-lite0":
+        raise VlpError(f"unknown backbone {name!r}; available: efficientnet-lite0")
+    path = backbone_weights()
+    trunk = released_trunk()
     fold_batchnorms(trunk)
     # Channels-last is oneDNN's own layout for convolutions: with the folding, the trunk runs in
     # 0.48x the time on this machine (features equal to 1e-5: fp16 in the store keeps 1e-3).
