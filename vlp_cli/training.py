@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlp_cli import VlpError, faults, runstate
+from vlp_cli import VlpError, faults, probes, runstate
 from vlp_cli.config import TrainCfg
 from vlp_cli.console import progress
 from vlp_cli.data.datasets import eval_loader
@@ -173,9 +173,16 @@ def evaluate_stats(task: torch.nn.Module, loader: DataLoader, accelerator: Any,
                 break
             with accelerator.autocast():
                 _, stats = task(batch, index)
+                if i == 0:  # every rank's first batch: the same keys on every rank
+                    spread = probes.region_spread(accelerator.unwrap_model(task).model, batch)
+                    if spread is not None:
+                        stats = {**stats, "region_spread": spread}
             meter.add(stats)
     task.train(was_training)
-    return meter.result(accelerator)
+    result = meter.result(accelerator)
+    if not np.isfinite(result.get("region_spread", 0.0)):  # no image with differing regions
+        del result["region_spread"]
+    return result
 
 
 def _append(path: Path, record: dict) -> None:
@@ -299,6 +306,7 @@ def train(
     best: dict = {}  # {"step", "value"} of the best held-out `best_key` so far
     step = 0
     nonfinite = {"in_a_row": 0, "total": 0}
+    warned: set[str] = set()  # warnings given once a run
     if accelerator.is_main_process:
         runstate.clean_partial(out_dir)
     if resume_from is not None:
@@ -355,6 +363,7 @@ def train(
             record({"step": step, "split": "val", **held})
             logger.info("step %d held-out: %s", step,
                         ", ".join(f"{k} {v:.4f}" for k, v in held.items()))
+            _collapsed(held, step, warned)
         value = held.get(best_key)
         if best_fn is not None and step > 0 and value is not None and np.isfinite(value) and \
                 (not best or value > best["value"]):
@@ -443,6 +452,14 @@ def train(
     if cfg.trackers:
         accelerator.end_training()
     return TrainResult(step=step, last=last, held_out=held, seconds=time.time() - start)
+
+
+def _collapsed(held: dict, step: int, warned: set[str]) -> None:
+    """Warn once a run when the regions of an image have one final state (probes.py)."""
+    note = probes.collapse_note(held)
+    if note is not None and "collapse" not in warned:
+        warned.add("collapse")
+        logger.warning("step %d: %s", step, note)
 
 
 def _nonfinite(count: dict, step: int, cfg: TrainCfg, cfg_key: str, out_dir: Path,

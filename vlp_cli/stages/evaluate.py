@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlp_cli import VlpError
+from vlp_cli import VlpError, probes
 from vlp_cli.checkpoint import quiet_transformers
 from vlp_cli.config import Recipe
 from vlp_cli.data.examples import ExampleBuilder
@@ -84,6 +84,9 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, recipe: 
     model.to(accelerator.device).eval()
     ctx = Context(recipe, c, ExampleBuilder(tok, store, recipe.data), tok)
     metrics, preds = task.evaluate(ctx, model, split, limit, accelerator)
+    note = probes.collapse_note(metrics)
+    if note is not None:
+        logger.warning("%s: %s", checkpoint, note)
     result = {"task": task.name, "split": split, "checkpoint": str(checkpoint),
               # a text-only baseline (data.blank_regions) says so: `vlp report` compares
               "inputs": "text only" if recipe.data.blank_regions else "regions", **metrics}

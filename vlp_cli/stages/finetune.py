@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from vlp_cli import probes
 from vlp_cli.checkpoint import checkpoint_fingerprint, quiet_transformers, save_checkpoint
 from vlp_cli.config import Recipe
 from vlp_cli.data.datasets import Collator
@@ -42,6 +43,10 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
     o = open_checkpoint_inputs(checkpoint, corpus, features)
     model, tok, src_meta, c, store = o.model, o.tokenizer, o.meta, o.corpus, o.features
     warn_fixed_model_keys(recipe, model, checkpoint)
+    note = probes.checkpoint_note(checkpoint)
+    if note is not None and not recipe.data.blank_regions:
+        logger.warning("%s, by its pre-training's last held-out evaluation: %s", checkpoint,
+                       note)
     if src_meta.get("task") not in (None, "pretrain", task.name):
         logger.warning("%s was fine-tuned for %s; fine-tuning it again for %s", checkpoint,
                        src_meta.get("task"), task.name)

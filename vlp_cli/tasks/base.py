@@ -12,6 +12,7 @@ exact under any batching.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -227,7 +228,7 @@ def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit:
     import torch
     from accelerate.utils import send_to_device
 
-    from vlp_cli import VlpError
+    from vlp_cli import VlpError, probes
     from vlp_cli.data.datasets import Collator, eval_loader
 
     ds = task.dataset(ctx, split, ctx.recipe.seed + 1)
@@ -239,16 +240,24 @@ def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit:
     loader = eval_loader(ds, batch_size=32, collate_fn=Collator(ctx.builder.pad_id, task.collate))
     sums: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        for batch in loader:
-            _, stats = task.step(model, send_to_device(batch, accelerator.device))
+        for i, batch in enumerate(loader):
+            batch = send_to_device(batch, accelerator.device)
+            _, stats = task.step(model, batch)
+            # probes.py: whether the regions of an image still have states of their own.
+            spread = probes.region_spread(model, batch) if i == 0 else None
+            if spread is not None:
+                stats = {**stats, "region_spread": spread}
             for k, (s, n) in stats.items():
                 sums[k] = sums.get(k, torch.zeros(2, device=s.device)) + torch.stack(
                     [s.reshape(()), n.reshape(()).to(s.device)])
-    keys = sorted(task.metrics if not sums else sums)
+    keys = sorted(set(task.metrics if not sums else sums) | {"region_spread"})
     packed = torch.stack([sums.get(k, torch.zeros(2, device=accelerator.device))
                           for k in keys]).to(accelerator.device)
     packed = accelerator.reduce(packed, reduction="sum")
-    return {k: float(s / n) if n > 0 else float("nan") for k, (s, n) in zip(keys, packed.tolist())}
+    out = {k: float(s / n) if n > 0 else float("nan") for k, (s, n) in zip(keys, packed.tolist())}
+    if math.isnan(out["region_spread"]):  # no batch of joint sequences with differing regions
+        del out["region_spread"]
+    return out
 
 
 def sharded_map(accelerator: Any, dataset: Any, collate: Callable, fn: Callable,
