@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, one_error_line, tiny_recipe_sets
+from conftest import cli, one_error_line, tiny_recipe_obj, tiny_recipe_sets
 
 SETS = [a for x in tiny_recipe_sets() for a in ("--set", x)]
 
@@ -44,9 +44,11 @@ def test_nlvr2_settings_finetune_evaluate_and_score_their_csv(
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["heads"][0]["kind"] == {"pair": "pair", "pair-biattn": "pair_attn",
                                           "triplet": "linear"}[setting]
-    assert config["bert"]["type_vocab_size"] == (3 if setting == "triplet" else 2)
+    # The second image's regions are of type 2 in every setting (UNITER's use_img_type).
+    assert config["bert"]["type_vocab_size"] == 3
     meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
-    assert meta["tasks"]["nlvr2"] == {"setting": setting}
+    assert meta["tasks"]["nlvr2"] == ({"setting": setting} if setting == "triplet" else
+                                      {"setting": setting, "image_types": True})
     csv = (ev / "nlvr2_predictions.csv").read_text().splitlines()
     assert sorted(line.split(",")[0] for line in csv) == ["test1-10-0-0", "test1-11-0-1"]
     res = cli("evaluate", "nlvr2", "--predictions", ev / "nlvr2_predictions.csv",
@@ -178,6 +180,30 @@ def test_answers_at_a_mask_keep_the_pretrained_masked_token_head(pretrained: Pat
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
+def test_vlp_answer_reads_a_masked_checkpoint_as_evaluation_does(
+        pretrained: Path, task_data: dict, tmp_path: Path) -> None:
+    """`vlp answer` (Predictor.answer -> Vqa.answer) on a checkpoint that answers at a [MASK]
+    gives evaluation's answers, with scores that share one unit among the answers."""
+    from vlp_cli.stages.common import open_checkpoint_inputs
+    from vlp_cli.tasks import get
+
+    _finetune_and_evaluate("vqa", pretrained, task_data, tmp_path, "--set",
+                           "vqa.classifier=masked_tokens")
+    preds = [json.loads(x) for x in (tmp_path / "ev" / "predictions.jsonl").read_text()
+             .splitlines()]
+    o = open_checkpoint_inputs(tmp_path / "ft", task_data["corpus"], task_data["features"])
+    task = get("vqa").bind(tiny_recipe_obj(), get("vqa").state_from_meta(o.meta))
+    assert task.masked
+    from vlp_cli.data.examples import ExampleBuilder
+
+    builder = ExampleBuilder(o.tokenizer, o.features, tiny_recipe_obj().data)
+    got = task.answer(o.model, builder, [builder.regions(p["image"]) for p in preds],
+                      [p["question"] for p in preds], o.tokenizer, torch.device("cpu"),
+                      top=len(task.state["answers"]))
+    assert [g[0][0] for g in got] == [p["prediction"] for p in preds]
+    assert all(sum(s for _, s in g) == pytest.approx(1.0, abs=1e-4) for g in got)
+
+
 def test_the_mask_survives_truncation() -> None:
     from vlp_cli.tasks.vqa import question_text
 
@@ -233,6 +259,36 @@ def test_pair_attention_head_ignores_padding_and_reads_both_sides() -> None:
     changed = hidden.clone()
     changed[1, 0] += 1.0  # a valid right position: must
     assert not torch.allclose(a, model.pair_logits("p", changed, valid))
+
+
+@pytest.mark.parametrize("state", [{"setting": "pair", "image_types": True},
+                                   {"setting": "pair"}, {"setting": "triplet"}])
+def test_nlvr2_second_image_is_type_2_unless_an_old_pair_checkpoint(
+        state: dict, task_data: dict) -> None:
+    """UNITER's code gives the second image token type 2 in the pair settings too; a pair
+    checkpoint from before (no "image_types" in its state) keeps type 1 for both."""
+    from vlp_cli.checkpoint import load_tokenizer
+    from vlp_cli.data.datasets import Collator
+    from vlp_cli.data.examples import ExampleBuilder
+    from vlp_cli.stores.corpus import Corpus
+    from vlp_cli.stores.features import FeatureStore
+    from vlp_cli.tasks import Context, get
+
+    recipe = tiny_recipe_obj()
+    tok = load_tokenizer("embedded:minilm")
+    builder = ExampleBuilder(tok, FeatureStore(task_data["features"]), recipe.data)
+    ctx = Context(recipe, Corpus(task_data["corpus"]), builder, tok)
+    task = get("nlvr2").bind(recipe, state)
+    ds = task.dataset(ctx, "train", 0)
+    batch = Collator(ctx.builder.pad_id, task.collate)([ds[0], ds[1]])
+    types = batch["img_type_ids"][batch["img_mask"].bool()] if "img_type_ids" in batch else None
+    if state == {"setting": "pair"}:
+        assert types is None
+    elif state["setting"] == "pair":  # rows: (statement 0, left), (0, right), (1, left), ...
+        rows = batch["img_type_ids"].masked_fill(~batch["img_mask"].bool(), 0)
+        assert [set(r.tolist()) - {0} for r in rows] == [{1}, {2}, {1}, {2}]
+    else:
+        assert set(types.tolist()) == {1, 2}
 
 
 def test_triplet_type_embedding_starts_as_the_image_type() -> None:
@@ -377,6 +433,12 @@ def test_vcr_second_stage_pretraining_on_its_text(pretrained: Path, task_data: d
             .splitlines()]
     held = [r for r in rows if r["split"] == "val"][-1]
     assert {k.split("/")[0] for k in held if "/" in k} == {"mlm", "mrfr", "mrckl"}, held
+    # A first stage that read other position numbers than the recipe gives: one line.
+    err = one_error_line(cli("pretrain", "recipes/tiny.yaml", "-c", task_data["corpus"], "-f",
+                             task_data["features"], "-o", tmp_path / "pre3", *SETS, "--set",
+                             f"model.init={pretrained}", "--set", "data.pos_kind=oscar6"))
+    assert "model.init" in err and "data.pos_kind" in err and "7 position numbers" in err
+    assert not (tmp_path / "pre3" / "model.safetensors").exists()
 
 
 def test_mistakes_in_scoring_and_settings_are_one_line(task_data: dict, tmp_path: Path) -> None:

@@ -401,6 +401,11 @@ class Nlvr2Cfg:
     # UNITER's three ways to read two images (tasks/nlvr2.py); its released config trains
     # "paired-attn", here "pair-biattn", its best.
     setting: Literal["pair", "pair-biattn", "triplet"] = "pair-biattn"
+    # UNITER's use_img_type (its code, default on; the paper is silent): the second image's
+    # regions take token type 2 in every setting, so that in "pair" and "pair-biattn" each
+    # sequence knows whether it holds the left or the right image ("the left image contains
+    # ..."). false: type 1 for both, as vlp did before (the triplet setting keeps 2 either way).
+    image_types: bool = True
 
 
 @dataclass

@@ -12,9 +12,12 @@ one trained):
 - "pair-biattn" (UNITER's best, its released config's "paired-attn"): the same two
   sequences; each attends to the other, is attention-pooled, and the two pools are
   classified (model.PairAttnHead).
-- "triplet": one sequence, the statement then both images' regions, the second image's of
-  token type 2 (a new type embedding copied from the image type, as UNITER does); Linear(H, 2)
-  on [CLS].
+- "triplet": one sequence, the statement then both images' regions; Linear(H, 2) on [CLS].
+
+In every setting the second image's regions take token type 2 (a new type embedding copied
+from the image type), as UNITER's code does (its `use_img_type`, on by default): a sequence of
+a pair then knows which image it holds. `nlvr2.image_types: false` gives both images type 1 in
+the pair settings (checkpoints fine-tuned before the option read so, and still do).
 
 Metrics, as the official evaluation (nlvr2/eval/metrics.py) computes them: accuracy, and
 consistency, the share of statements (an identifier without its image-pair part) whose every
@@ -80,10 +83,11 @@ class Nlvr2Dataset(TaskDataset):
     """One statement: two sequences (pair settings) or one (triplet); label 1 = true."""
 
     def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray,
-                 max_text_len: int, setting: str, seed: int = 0):
+                 max_text_len: int, setting: str, seed: int = 0, image_types: bool = True):
         super().__init__(corpus, builder, indices, seed)
         self.max_text_len = max_text_len
         self.setting = setting
+        self.image_types = image_types or setting == "triplet"
 
     def __getitem__(self, i: int) -> dict | list[dict]:
         idx = int(self.indices[i])
@@ -97,8 +101,9 @@ class Nlvr2Dataset(TaskDataset):
             return self.item(text, img, label=label, index=idx,
                              img_types=[1] * len(left.feats) + [2] * len(right.feats))
         return [self.item(self.builder.text(words, self.builder.tag_ids(img.tag_classes),
-                                            self.max_text_len), img, label=label, index=idx)
-                for img in (left, right)]
+                                            self.max_text_len), img, label=label, index=idx,
+                          img_types=[side + 1 if self.image_types else 1] * len(img.feats))
+                for side, img in enumerate((left, right))]
 
     def units(self) -> np.ndarray:
         words = self.corpus.lengths[self.indices]
@@ -126,7 +131,13 @@ class Nlvr2(Task):
     select = "acc"
 
     def prepare(self, ctx: Context) -> dict:
-        return {"setting": self.recipe.nlvr2.setting}
+        state = {"setting": self.recipe.nlvr2.setting}
+        if self.recipe.nlvr2.image_types and state["setting"] != "triplet":
+            state["image_types"] = True  # absent: a checkpoint of the pair settings from before
+        return state
+
+    def _typed(self) -> bool:
+        return self.state["setting"] == "triplet" or bool(self.state.get("image_types"))
 
     def heads(self, ctx: Context) -> list[HeadSpec]:
         from vlp_cli.model import HeadSpec
@@ -134,22 +145,23 @@ class Nlvr2(Task):
         return [HeadSpec(self.name, HEAD_KIND[self.state["setting"]], 2)]
 
     def adapt_model(self, model: VLPModel) -> None:
-        if self.state["setting"] == "triplet":
+        if self._typed():
             model.grow_type_vocab(3)
 
     def dataset(self, ctx: Context, split: str, seed: int) -> Nlvr2Dataset:
         return Nlvr2Dataset(ctx.corpus, ctx.builder, split_indices(ctx.corpus, KIND, split),
-                            self.recipe.nlvr2.max_text_len, self.state["setting"], seed)
+                            self.recipe.nlvr2.max_text_len, self.state["setting"], seed,
+                            image_types=self._typed())
 
     def collate(self, items: list[dict], batch: dict) -> None:
         import torch
 
-        if self.state["setting"] == "triplet":
+        if self._typed():
             types = torch.ones(batch["img_mask"].shape, dtype=torch.long)
             for i, x in enumerate(items):
                 types[i, :len(x["img_types"])] = torch.as_tensor(x["img_types"])
             batch["img_type_ids"] = types
-        else:
+        if self.state["setting"] != "triplet":
             items = items[::2]  # the pair's two sequences carry the same label
         batch["labels"] = longs(items, "label")
         batch["index"] = longs(items, "index")
