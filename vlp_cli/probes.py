@@ -17,8 +17,6 @@ import torch
 # measured 5e-5, healthy ones 0.08 (scene set) to 0.13 (a fresh region embedding).
 COLLAPSED = 1e-2
 
-INPUTS = ("input_ids", "token_type_ids", "text_mask", "img_feats", "img_pos", "img_mask")
-
 
 def spread(hidden: torch.Tensor, text_len: int,
            img_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,10 +41,11 @@ def region_spread(model: torch.nn.Module,
     """`spread` of the encoder's last layer on a batch of joint sequences, over the images
     whose regions differ as inputs (a text-only baseline's blanked regions do not); None for a
     batch of another shape."""
+    from vlp_cli.tasks.base import INPUTS, encode
+
     if not all(k in batch for k in INPUTS):
         return None
-    hidden = model(*(batch[k] for k in INPUTS), attn_mask=batch.get("attn_mask"),
-                   img_type_ids=batch.get("img_type_ids"))
+    hidden = encode(model, batch)
     inputs = torch.cat([batch["img_feats"], batch["img_pos"]], -1).float()
     differ = batch["img_mask"].bool() & (per_image(inputs, batch["img_mask"]) > 1e-6)[:, None]
     return spread(hidden, batch["input_ids"].shape[1], differ)
