@@ -28,7 +28,7 @@ def test_spread_is_the_mean_std_across_an_image_s_regions() -> None:
 
 def test_blanked_regions_are_not_measured() -> None:
     """A text-only baseline's regions are identical as inputs: their states say nothing."""
-    from vlp_cli.probes import region_spread
+    from vlp_cli.tasks.base import region_spread
 
     b = {"input_ids": torch.zeros(2, 1, dtype=torch.long),
          "token_type_ids": torch.zeros(2, 1, dtype=torch.long),

@@ -1,6 +1,6 @@
 """Probes of what a model has become, cheap enough to run at every held-out evaluation.
 
-`region_spread`: how far apart the final states of one image's regions are. A pre-training can
+`region_spread` (measured by tasks/base.py's `region_spread`): how far apart the final states of one image's regions are. A pre-training can
 collapse them onto one vector per image (README, "Region collapse": the scene set's mixture did,
 spread 5e-5 where a fresh model has 0.13); every later task then sees the image as a bag of tags
 and a task that must pick a region (RefCOCO) cannot learn. Caught here instead of trained on.
@@ -34,21 +34,6 @@ def per_image(regions: torch.Tensor, img_mask: torch.Tensor) -> torch.Tensor:
     mean = (regions * w).sum(1) / n  # [B, H]
     var = (((regions - mean[:, None]) ** 2) * w).sum(1) / n
     return var.sqrt().mean(-1)
-
-
-def region_spread(model: torch.nn.Module,
-                  batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """`spread` of the encoder's last layer on a batch of joint sequences, over the images
-    whose regions differ as inputs (a text-only baseline's blanked regions do not); None for a
-    batch of another shape."""
-    from vlp_cli.tasks.base import INPUTS, encode
-
-    if not all(k in batch for k in INPUTS):
-        return None
-    hidden = encode(model, batch)
-    inputs = torch.cat([batch["img_feats"], batch["img_pos"]], -1).float()
-    differ = batch["img_mask"].bool() & (per_image(inputs, batch["img_mask"]) > 1e-6)[:, None]
-    return spread(hidden, batch["input_ids"].shape[1], differ)
 
 
 def collapse_note(stats: dict) -> str | None:

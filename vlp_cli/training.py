@@ -40,6 +40,7 @@ from vlp_cli.console import progress
 from vlp_cli.data.datasets import eval_loader
 from vlp_cli.launch import make_accelerator
 from vlp_cli.streams import Interrupted, StopRequest, Stream
+from vlp_cli.tasks.base import region_spread
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 Step = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, Stats]]
@@ -174,7 +175,7 @@ def evaluate_stats(task: torch.nn.Module, loader: DataLoader, accelerator: Any,
             with accelerator.autocast():
                 _, stats = task(batch, index)
                 if i == 0:  # every rank's first batch: the same keys on every rank
-                    spread = probes.region_spread(accelerator.unwrap_model(task).model, batch)
+                    spread = region_spread(accelerator.unwrap_model(task).model, batch)
                     if spread is not None:
                         stats = {**stats, "region_spread": spread}
             meter.add(stats)

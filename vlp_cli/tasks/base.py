@@ -169,6 +169,22 @@ def encode(model: VLPModel, batch: dict) -> torch.Tensor:
                  img_type_ids=batch.get("img_type_ids"))
 
 
+def region_spread(model: VLPModel, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """probes.spread of the encoder's last layer on a batch of joint sequences, over the
+    images whose regions differ as inputs (a text-only baseline's blanked regions do not);
+    None for a batch of another shape."""
+    import torch
+
+    from vlp_cli.probes import per_image, spread
+
+    if not all(k in batch for k in INPUTS):
+        return None
+    hidden = encode(model, batch)
+    inputs = torch.cat([batch["img_feats"], batch["img_pos"]], -1).float()
+    differ = batch["img_mask"].bool() & (per_image(inputs, batch["img_mask"]) > 1e-6)[:, None]
+    return spread(hidden, batch["input_ids"].shape[1], differ)
+
+
 def mean_stat(value: torch.Tensor, n: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
@@ -228,7 +244,7 @@ def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit:
     import torch
     from accelerate.utils import send_to_device
 
-    from vlp_cli import VlpError, probes
+    from vlp_cli import VlpError
     from vlp_cli.data.datasets import Collator, eval_loader
 
     ds = task.dataset(ctx, split, ctx.recipe.seed + 1)
@@ -244,7 +260,7 @@ def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit:
             batch = send_to_device(batch, accelerator.device)
             _, stats = task.step(model, batch)
             # probes.py: whether the regions of an image still have states of their own.
-            spread = probes.region_spread(model, batch) if i == 0 else None
+            spread = region_spread(model, batch) if i == 0 else None
             if spread is not None:
                 stats = {**stats, "region_spread": spread}
             for k, (s, n) in stats.items():
