@@ -119,6 +119,12 @@ def test_vlp_evaluate_on_two_processes(tiny_data: dict, tmp_path: Path) -> None:
     assert len({p["qid"] for p in p2}) == len(p2)
     m1, m2 = (json.loads((tmp_path / e / "metrics.json").read_text()) for e in ("e1", "e2"))
     assert m1["questions"] == m2["questions"] == len(p1)
+    # A pre-training objective's statistics with one example: the second process has none,
+    # and still reduces the same statistics as the first (before: mismatched keys).
+    launch("evaluate", "oscar", "-k", tmp_path / "pre", "-c", tiny_data["corpus"], "-f",
+           tiny_data["features"], "--limit", "1", "-o", tmp_path / "e3")
+    m3 = json.loads((tmp_path / "e3" / "metrics.json").read_text())
+    assert {"loss", "mlm_loss", "contrast_acc", "region_spread"} <= set(m3), m3
 
 
 

@@ -266,7 +266,12 @@ def held_out_stats(task: Task, ctx: Context, model: VLPModel, split: str, limit:
             for k, (s, n) in stats.items():
                 sums[k] = sums.get(k, torch.zeros(2, device=s.device)) + torch.stack(
                     [s.reshape(()), n.reshape(()).to(s.device)])
-    keys = sorted(set(task.metrics if not sums else sums) | {"region_spread"})
+    names = list(sums)
+    if accelerator.num_processes > 1:  # a process with no examples (--limit) knows no names:
+        from accelerate.utils import gather_object  # every process stacks the same keys
+
+        names = gather_object(names)
+    keys = sorted(set(names) | {"region_spread"})
     packed = torch.stack([sums.get(k, torch.zeros(2, device=accelerator.device))
                           for k in keys]).to(accelerator.device)
     packed = accelerator.reduce(packed, reduction="sum")
