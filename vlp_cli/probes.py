@@ -1,9 +1,10 @@
 """Probes of what a model has become, cheap enough to run at every held-out evaluation.
 
-`region_spread` (measured by tasks/base.py's `region_spread`): how far apart the final states of one image's regions are. A pre-training can
-collapse them onto one vector per image (README, "Region collapse": the scene set's mixture did,
-spread 5e-5 where a fresh model has 0.13); every later task then sees the image as a bag of tags
-and a task that must pick a region (RefCOCO) cannot learn. Caught here instead of trained on.
+`region_spread` (measured by tasks/base.py's `region_spread`): how far apart the final states of
+one image's regions are. A pre-training can collapse them onto one vector per image (README,
+"Region collapse": the scene set's mixture did, spread 5e-5 where a fresh model has 0.13); every
+later task then sees the image as a bag of tags and a task that must pick a region (RefCOCO)
+cannot learn. Caught here instead of trained on.
 """
 
 from __future__ import annotations

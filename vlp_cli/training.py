@@ -2,11 +2,12 @@
 
 Pre-training and every fine-tuning task call `train()` with one or several tasks (each a
 dataset, a collator, a step function and a mix ratio) and a TrainCfg. Each optimiser step runs
-one task, drawn from an RNG seeded by (seed, step): the same on every process, so all ranks
-run the same task in a step (UNITER's MetaLoader), and nothing to save for an exact resume. The loop is explicit: prepare, accumulate, backward, clip, step;
-held-out statistics every `eval_every` steps; metrics appended as JSON lines; a progress bar
-on the main process only. It runs unchanged on one CPU process, several processes, or
-multi-node GPUs with fp16/bf16 (`accelerate launch vlp ...`).
+one task, drawn from an RNG seeded by (seed, step): the same on every process, so all ranks run
+the same task in a step (UNITER's MetaLoader), and nothing to save for an exact resume. The loop
+is explicit: prepare, accumulate, backward, clip, step; held-out statistics every `eval_every`
+steps; metrics appended as JSON lines; a progress bar on the main process only. It runs
+unchanged on one CPU process, several processes, or multi-node GPUs with fp16/bf16 (`accelerate
+launch vlp ...`).
 
 Crash safety (runstate.py): the whole training state is saved every `save_every` steps, every
 `save_minutes` of wall time and on SIGTERM/SIGINT, atomically, without pickle; the last
