@@ -47,7 +47,8 @@ def test_nlvr2_settings_finetune_evaluate_and_score_their_csv(
     # The second image's regions are of type 2 in every setting (UNITER's use_img_type).
     assert config["bert"]["type_vocab_size"] == 3
     meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
-    assert meta["tasks"]["nlvr2"] == ({"setting": setting} if setting == "triplet" else
+    assert meta["tasks"]["nlvr2"] == ({"setting": setting, "tag_types": True}
+                                      if setting == "triplet" else
                                       {"setting": setting, "image_types": True})
     csv = (ev / "nlvr2_predictions.csv").read_text().splitlines()
     assert sorted(line.split(",")[0] for line in csv) == ["test1-10-0-0", "test1-11-0-1"]
@@ -262,7 +263,8 @@ def test_pair_attention_head_ignores_padding_and_reads_both_sides() -> None:
 
 
 @pytest.mark.parametrize("state", [{"setting": "pair", "image_types": True},
-                                   {"setting": "pair"}, {"setting": "triplet"}])
+                                   {"setting": "pair"}, {"setting": "triplet"},
+                                   {"setting": "triplet", "tag_types": True}])
 def test_nlvr2_second_image_is_type_2_unless_an_old_pair_checkpoint(
         state: dict, task_data: dict) -> None:
     """UNITER's code gives the second image token type 2 in the pair settings too; a pair
@@ -289,6 +291,18 @@ def test_nlvr2_second_image_is_type_2_unless_an_old_pair_checkpoint(
         assert [set(r.tolist()) - {0} for r in rows] == [{1}, {2}, {1}, {2}]
     else:
         assert set(types.tolist()) == {1, 2}
+        # The tags: one list of type 1 (a triplet checkpoint from before), or each image's
+        # in order, the second's of type 2 as its regions.
+        ids, text_types = np.array(ds[0]["ids"]), np.array(ds[0]["types"])
+        tag_types = text_types[(ids != builder.sep_id) & (text_types > 0)]
+        ex = ctx.corpus.get(int(ds.indices[0]))
+        left, right = (len(builder.tag_ids(builder.regions(k).tag_classes))
+                       for k in ex["images"][:2])
+        assert left > 0 and right > 0
+        if state.get("tag_types"):
+            assert tag_types.tolist() == [1] * left + [2] * right
+        else:
+            assert set(tag_types.tolist()) == {1}
 
 
 def test_triplet_type_embedding_starts_as_the_image_type() -> None:

@@ -17,7 +17,10 @@ one trained):
 In every setting the second image's regions take token type 2 (a new type embedding copied
 from the image type), as UNITER's code does (its `use_img_type`, on by default): a sequence of
 a pair then knows which image it holds. `nlvr2.image_types: false` gives both images type 1 in
-the pair settings (checkpoints fine-tuned before the option read so, and still do).
+the pair settings (checkpoints fine-tuned before the option read so, and still do). In the
+triplet setting each image's tags follow in order, each image's cut to data.max_tag_len,
+the second's of type 2 as its regions (a triplet checkpoint from before, without
+"tag_types" in its state, reads both images' tags as one list of type 1).
 
 Metrics, as the official evaluation (nlvr2/eval/metrics.py) computes them: accuracy, and
 consistency, the share of statements (an identifier without its image-pair part) whose every
@@ -29,6 +32,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,11 +87,27 @@ class Nlvr2Dataset(TaskDataset):
     """One statement: two sequences (pair settings) or one (triplet); label 1 = true."""
 
     def __init__(self, corpus: Corpus, builder: ExampleBuilder, indices: np.ndarray,
-                 max_text_len: int, setting: str, seed: int = 0, image_types: bool = True):
+                 max_text_len: int, setting: str, seed: int = 0, image_types: bool = True,
+                 tag_types: bool = False):
         super().__init__(corpus, builder, indices, seed)
         self.max_text_len = max_text_len
         self.setting = setting
         self.image_types = image_types or setting == "triplet"
+        self.tag_types = tag_types and setting == "triplet"
+
+    def triplet_text(self, words: list[int], left: ImageInput, right: ImageInput) -> Any:
+        """The triplet's text: both images' tags, the second's of type 2 when typed."""
+        if not self.tag_types:
+            tags, first = self.builder.tag_ids(left.tag_classes + right.tag_classes), 0
+        else:
+            first_tags = self.builder.tag_ids(left.tag_classes)
+            tags, first = first_tags + self.builder.tag_ids(right.tag_classes), len(first_tags)
+        text = self.builder.text(words, tags, self.max_text_len)
+        if self.tag_types:
+            start, end = text.b_span
+            text = replace(text, types=[2 if start + first <= p < end else t
+                                        for p, t in enumerate(text.types)])
+        return text
 
     def __getitem__(self, i: int) -> dict | list[dict]:
         idx = int(self.indices[i])
@@ -95,10 +115,8 @@ class Nlvr2Dataset(TaskDataset):
         left, right = (self.builder.regions(k) for k in ex["images"][:2])
         words, label = ex["segments"][0], int(ex["label"] == "True")
         if self.setting == "triplet":
-            img = join_images(left, right)
-            text = self.builder.text(words, self.builder.tag_ids(img.tag_classes),
-                                     self.max_text_len)
-            return self.item(text, img, label=label, index=idx,
+            return self.item(self.triplet_text(list(words), left, right),
+                             join_images(left, right), label=label, index=idx,
                              img_types=[1] * len(left.feats) + [2] * len(right.feats))
         return [self.item(self.builder.text(words, self.builder.tag_ids(img.tag_classes),
                                             self.max_text_len), img, label=label, index=idx,
@@ -114,7 +132,8 @@ class Nlvr2Dataset(TaskDataset):
             t0, t1 = np.zeros_like(t0), np.zeros_like(t1)
         size = self.builder.text_lengths
         if self.setting == "triplet":
-            tags = np.minimum(t0 + t1, self.builder.cfg.max_tag_len)
+            cap = self.builder.cfg.max_tag_len
+            tags = t0 + t1 if self.tag_types else np.minimum(t0 + t1, cap)
             return np.stack([size(words, tags, self.max_text_len), r0 + r1], 1)
         # Two sequences, each padded to the batch's longest text and region list.
         text = np.maximum(size(words, t0, self.max_text_len), size(words, t1, self.max_text_len))
@@ -130,10 +149,19 @@ class Nlvr2(Task):
     headline = "accuracy"
     select = "acc"
 
+    @property
+    def uses_pooler(self) -> bool:  # type: ignore[override]
+        """The paired-attention head reads every state, not the pooled [CLS]."""
+        state = getattr(self, "state", None) or {}
+        return state.get("setting") != "pair-biattn"
+
     def prepare(self, ctx: Context) -> dict:
-        state = {"setting": self.recipe.nlvr2.setting}
-        if self.recipe.nlvr2.image_types and state["setting"] != "triplet":
+        cfg = self.recipe.nlvr2
+        state: dict[str, Any] = {"setting": cfg.setting}
+        if cfg.image_types and cfg.setting != "triplet":
             state["image_types"] = True  # absent: a checkpoint of the pair settings from before
+        if cfg.setting == "triplet":
+            state["tag_types"] = True  # absent: a triplet checkpoint from before
         return state
 
     def _typed(self) -> bool:
@@ -151,7 +179,8 @@ class Nlvr2(Task):
     def dataset(self, ctx: Context, split: str, seed: int) -> Nlvr2Dataset:
         return Nlvr2Dataset(ctx.corpus, ctx.builder, split_indices(ctx.corpus, KIND, split),
                             self.recipe.nlvr2.max_text_len, self.state["setting"], seed,
-                            image_types=self._typed())
+                            image_types=self._typed(),
+                            tag_types=bool(self.state.get("tag_types")))
 
     def collate(self, items: list[dict], batch: dict) -> None:
         import torch
