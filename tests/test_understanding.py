@@ -50,6 +50,19 @@ def test_nlvr2_settings_finetune_evaluate_and_score_their_csv(
     assert meta["tasks"]["nlvr2"] == ({"setting": setting, "tag_types": True}
                                       if setting == "triplet" else
                                       {"setting": setting, "image_types": True})
+    # The paired-attention head never reads the pooled [CLS]: its pooler is frozen (not left
+    # trainable without a gradient, which DDP refuses), so its weights stay the pre-trained.
+    from safetensors.torch import load_file
+
+    from vlp_cli.tasks import get
+
+    task = get("nlvr2").bind(tiny_recipe_obj(), meta["tasks"]["nlvr2"])
+    assert task.uses_pooler == (setting != "pair-biattn")
+
+    pre, ft = load_file(pretrained / "model.safetensors"), load_file(tmp_path / "ft" /
+                                                                       "model.safetensors")
+    same = torch.equal(pre["bert.pooler.dense.weight"], ft["bert.pooler.dense.weight"])
+    assert same == (setting == "pair-biattn")
     csv = (ev / "nlvr2_predictions.csv").read_text().splitlines()
     assert sorted(line.split(",")[0] for line in csv) == ["test1-10-0-0", "test1-11-0-1"]
     res = cli("evaluate", "nlvr2", "--predictions", ev / "nlvr2_predictions.csv",

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vlp_cli import VlpError
-from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset
+from vlp_cli.data.examples import ExampleBuilder, ImageInput, TaskDataset, TextInput
 from vlp_cli.stores.corpus import Corpus
 from vlp_cli.tasks.base import (Context, Stats, Task, classified, encode, longs, predict,
                                 split_indices)
@@ -95,19 +95,17 @@ class Nlvr2Dataset(TaskDataset):
         self.image_types = image_types or setting == "triplet"
         self.tag_types = tag_types and setting == "triplet"
 
-    def triplet_text(self, words: list[int], left: ImageInput, right: ImageInput) -> Any:
+    def triplet_text(self, words: list[int], left: ImageInput, right: ImageInput) -> TextInput:
         """The triplet's text: both images' tags, the second's of type 2 when typed."""
-        if not self.tag_types:
-            tags, first = self.builder.tag_ids(left.tag_classes + right.tag_classes), 0
-        else:
-            first_tags = self.builder.tag_ids(left.tag_classes)
-            tags, first = first_tags + self.builder.tag_ids(right.tag_classes), len(first_tags)
-        text = self.builder.text(words, tags, self.max_text_len)
-        if self.tag_types:
-            start, end = text.b_span
-            text = replace(text, types=[2 if start + first <= p < end else t
-                                        for p, t in enumerate(text.types)])
-        return text
+        if not self.tag_types:  # a triplet checkpoint from before: one list, cut as one
+            tags = self.builder.tag_ids(left.tag_classes + right.tag_classes)
+            return self.builder.text(words, tags, self.max_text_len)
+        first = self.builder.tag_ids(left.tag_classes)
+        text = self.builder.text(words, first + self.builder.tag_ids(right.tag_classes),
+                                 self.max_text_len)
+        start, end = text.b_span
+        return replace(text, types=[2 if start + len(first) <= p < end else t
+                                    for p, t in enumerate(text.types)])
 
     def __getitem__(self, i: int) -> dict | list[dict]:
         idx = int(self.indices[i])
@@ -115,7 +113,7 @@ class Nlvr2Dataset(TaskDataset):
         left, right = (self.builder.regions(k) for k in ex["images"][:2])
         words, label = ex["segments"][0], int(ex["label"] == "True")
         if self.setting == "triplet":
-            return self.item(self.triplet_text(list(words), left, right),
+            return self.item(self.triplet_text(words, left, right),
                              join_images(left, right), label=label, index=idx,
                              img_types=[1] * len(left.feats) + [2] * len(right.feats))
         return [self.item(self.builder.text(words, self.builder.tag_ids(img.tag_classes),
@@ -132,8 +130,8 @@ class Nlvr2Dataset(TaskDataset):
             t0, t1 = np.zeros_like(t0), np.zeros_like(t1)
         size = self.builder.text_lengths
         if self.setting == "triplet":
-            cap = self.builder.cfg.max_tag_len
-            tags = t0 + t1 if self.tag_types else np.minimum(t0 + t1, cap)
+            # typed, each image's tags were cut on their own; else both together
+            tags = t0 + t1 if self.tag_types else np.minimum(t0 + t1, self.builder.cfg.max_tag_len)
             return np.stack([size(words, tags, self.max_text_len), r0 + r1], 1)
         # Two sequences, each padded to the batch's longest text and region list.
         text = np.maximum(size(words, t0, self.max_text_len), size(words, t1, self.max_text_len))
