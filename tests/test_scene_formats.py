@@ -33,6 +33,9 @@ def test_every_format_is_written_as_released(exported: Path) -> None:
     qs = json.loads((exported / "vqa" / "v2_OpenEnded_mscoco_train2014_questions.json")
                     .read_text())
     anns = json.loads((exported / "vqa" / "v2_mscoco_train2014_annotations.json").read_text())
+    for name in ("captions_train2014.json", "captions_val2014.json"):
+        caps = json.loads((exported / "coco" / name).read_text())["annotations"]
+        assert len({c["id"] for c in caps}) == len(caps)  # unique, as COCO's are
     assert qs["data_subtype"] == "train2014" and len(qs["questions"]) == len(anns["annotations"])
     a = anns["annotations"][0]
     assert len(a["answers"]) == 10 and {x["answer"] for x in a["answers"]} == \

@@ -111,8 +111,9 @@ def _coco_captions(by_split: dict[str, list[Scene]], out: Path) -> dict:
             caps, _ = scene_reader.language(scene)
             imgs.append({"id": image_id(scene), "file_name": f"{image_id(scene)}.jpg",
                          "width": scene.width, "height": scene.height})
-            anns += [{"id": len(anns) + 1, "image_id": image_id(scene), "caption": c}
-                     for c in caps]
+            # COCO's caption ids are unique within a file (pycocotools indexes by them)
+            anns += [{"id": len(anns) + k + 1, "image_id": image_id(scene), "caption": c}
+                     for k, c in enumerate(caps)]
         files[split] = _dump(out / "coco" / f"captions_{subtype}.json",
                              {"info": {"description": "vlp scenes"}, "images": imgs,
                               "annotations": anns, "type": "captions"})
