@@ -502,6 +502,8 @@ def test_architecture_keys_a_checkpoint_fixes_are_named_not_silently_dropped(
         pretrained: Path, task_data: dict, tmp_path: Path) -> None:
     io_ = ["-c", task_data["corpus"], "-f", task_data["features"]]
     res = cli("finetune", "snli-ve", "-k", pretrained, *io_, "-o", tmp_path / "ft", *SETS,
-              "--set", "model.pos_fourier=3")
+              "--set", "model.pos_fourier=3", "--set", "model.img_dropout=0.25")
     assert res.exit_code == 0, res.output
     assert "model.pos_fourier 3 is not used" in " ".join(res.output.split()), res.output
+    # the regions' dropout is a training setting: applied, and saved with the fine-tuning
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["img_dropout"] == 0.25

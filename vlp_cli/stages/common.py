@@ -170,7 +170,10 @@ def run_identity(stage: str, task: str, recipe: Recipe, sections: list[str],
 
 
 def apply_model_options(model: Any, recipe: Recipe) -> None:
-    """What the recipe's model section asks of a model about to train."""
+    """What the recipe's model section asks of a model about to train: the regions' dropout
+    (a training setting, not architecture: a checkpoint's own is replaced and saved with it)
+    and gradient checkpointing."""
+    model.img_embed.dropout.p = model.config.img_dropout = recipe.model.img_dropout
     if recipe.model.gradient_checkpointing:
         model.enable_checkpointing()
 
