@@ -110,18 +110,22 @@ scst: install
 # (vlp export-scenes), one feature store, one pre-training; per task a fine-tuning with the
 # regions and one with them blanked (text only), both evaluated on the test scenes, and the
 # majority-class results file scored. About an hour on 2 cores; finished steps are kept.
+# NLVR2 starts from SNLI-VE's two fine-tunings, which have learned to verify one image's
+# claims; from the pre-training it stays under the rule (README, "Does every task learn?").
 TASKS_DIR ?= .demo-tasks
 TASKS_SCENES ?= scenes:1500
 TASKS_RECIPE := recipes/tasks-scenes.yaml
 TD := $(TASKS_DIR)/data
 TF := --features $(TASKS_DIR)/features --recipe $(TASKS_RECIPE)
 # $(1) task, $(2) its corpus, $(3) the majority results file, $(4) its references,
-# $(5) evaluate's extra options. The run with regions and the text-only one go side by side,
-# one torch thread each (on 2 cores about 1.3x the steps per second of one run on both); the
-# text-only one logs to $(TASKS_DIR)/$(1)-text-only.log.
+# $(5) evaluate's extra options, $(6) the task whose fine-tunings this one starts from (the
+# text-only one from its text-only one; empty: both from the pre-training). The run with
+# regions and the text-only one go side by side, one torch thread each (on 2 cores about 1.3x
+# the steps per second of one run on both); the text-only one logs to
+# $(TASKS_DIR)/$(1)-text-only.log.
 define TASK_RUNS
-	( test -f $(TASKS_DIR)/$(1)/model.safetensors || OMP_NUM_THREADS=1 $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/corpora/$(2) $(TF) --auto-resume --out $(TASKS_DIR)/$(1) ) & a=$$!; \
-	( test -f $(TASKS_DIR)/$(1)-text-only/model.safetensors || OMP_NUM_THREADS=1 $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/pretrained --corpus $(TASKS_DIR)/corpora/$(2) $(TF) --set data.blank_regions=true --auto-resume --out $(TASKS_DIR)/$(1)-text-only > $(TASKS_DIR)/$(1)-text-only.log 2>&1 ) & b=$$!; \
+	( test -f $(TASKS_DIR)/$(1)/model.safetensors || OMP_NUM_THREADS=1 $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/$(or $(6),pretrained) --corpus $(TASKS_DIR)/corpora/$(2) $(TF) --auto-resume --out $(TASKS_DIR)/$(1) ) & a=$$!; \
+	( test -f $(TASKS_DIR)/$(1)-text-only/model.safetensors || OMP_NUM_THREADS=1 $(VLP) finetune $(1) --checkpoint $(TASKS_DIR)/$(if $(6),$(6)-text-only,pretrained) --corpus $(TASKS_DIR)/corpora/$(2) $(TF) --set data.blank_regions=true --auto-resume --out $(TASKS_DIR)/$(1)-text-only > $(TASKS_DIR)/$(1)-text-only.log 2>&1 ) & b=$$!; \
 	wait $$a; ra=$$?; wait $$b; rb=$$?; test $$ra = 0 -a $$rb = 0 || { echo "$(1): a fine-tuning failed (text only: see $(TASKS_DIR)/$(1)-text-only.log)"; exit 1; }
 	test -f $(TASKS_DIR)/eval/$(1)/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1) --corpus $(TASKS_DIR)/corpora/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)
 	test -f $(TASKS_DIR)/eval/$(1)-text-only/metrics.json || $(VLP) evaluate $(1) --checkpoint $(TASKS_DIR)/$(1)-text-only --corpus $(TASKS_DIR)/corpora/$(2) --features $(TASKS_DIR)/features $(5) --out $(TASKS_DIR)/eval/$(1)-text-only
@@ -140,8 +144,8 @@ demo-tasks: install
 	test -f $(TASKS_DIR)/pretrained/model.safetensors || $(VLP) pretrain $(TASKS_RECIPE) --corpus $(TASKS_DIR)/corpora/captions --features $(TASKS_DIR)/features --auto-resume --out $(TASKS_DIR)/pretrained
 	$(call TASK_RUNS,vqa,vqa-v2,vqa_results.json,$(TD)/vqa/v2_mscoco_val2014_annotations.json)
 	$(call TASK_RUNS,gqa,gqa,gqa_results.json,$(TD)/gqa/testdev_balanced_questions.json)
-	$(call TASK_RUNS,nlvr2,nlvr2,nlvr2_predictions.csv,$(TD)/nlvr2/test1.json)
 	$(call TASK_RUNS,snli-ve,snli-ve,snli_ve_results.json,$(TD)/snli_ve/snli_ve_test.jsonl)
+	$(call TASK_RUNS,nlvr2,nlvr2,nlvr2_predictions.csv,$(TD)/nlvr2/test1.json,,snli-ve)
 	$(call TASK_RUNS,refcoco,refcoco,refcoco_results.json,test=$(TD)/refcoco/refs(unc).p)
 	$(call TASK_RUNS,captioning,captions,captions_results.json,$(TD)/coco/captions_val2014.json,--limit 200)
 	$(VLP) report $(TASKS_DIR)/eval
