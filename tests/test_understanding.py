@@ -123,6 +123,22 @@ def test_snli_ve_finetunes_evaluates_and_scores(pretrained: Path, task_data: dic
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "h" / "metrics.json").read_text())
     assert m["accuracy"] == pytest.approx(200 / 3)
+    # metrics.json names what was evaluated: the fingerprints of the checkpoint, corpus,
+    # features and recipe, and what the checkpoint was fine-tuned from
+    assert metrics["init_task"] == "pretrain" and metrics["init"] == str(pretrained.resolve())
+    assert set(metrics["fingerprints"]) == {"checkpoint", "corpus", "features", "recipe"}
+    assert all(metrics["fingerprints"].values()), metrics["fingerprints"]
+    # NLVR2 from this SNLI-VE fine-tuning (as make demo-tasks runs it): the learning table
+    # says so
+    nlvr2, _ = _finetune_and_evaluate("nlvr2", tmp_path / "ft", task_data, tmp_path / "n")
+    assert nlvr2["init_task"] == "snli-ve"
+    assert nlvr2["fingerprints"]["checkpoint"] != metrics["fingerprints"]["checkpoint"]
+    from vlp_cli.stages.report import learning_rows
+
+    rows = learning_rows([nlvr2, metrics, {"task": "nlvr2", "predictions": "m.csv",
+                                           "accuracy": 50.0},
+                          {"task": "snli-ve", "predictions": "m.json", "accuracy": 50.0}])
+    assert {r["task"]: r["from"] for r in rows} == {"nlvr2": "snli-ve", "snli-ve": None}
 
 
 def test_refcoco_finetunes_evaluates_and_scores_by_iou(pretrained: Path, task_data: dict,

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from vlp_cli import VlpError, probes
-from vlp_cli.checkpoint import quiet_transformers
-from vlp_cli.config import Recipe
+from vlp_cli.checkpoint import checkpoint_fingerprint, quiet_transformers
+from vlp_cli.config import Recipe, recipe_to_dict
 from vlp_cli.data.examples import ExampleBuilder
 from vlp_cli.outputs import check_writable
 from vlp_cli.stages.common import open_checkpoint_inputs
+from vlp_cli.stores.integrity import fingerprint
 
 logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -89,7 +90,15 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, recipe: 
         logger.warning("%s: %s", checkpoint, note)
     result = {"task": task.name, "split": split, "checkpoint": str(checkpoint),
               # a text-only baseline (data.blank_regions) says so: `vlp report` compares
-              "inputs": "text only" if recipe.data.blank_regions else "regions", **metrics}
+              "inputs": "text only" if recipe.data.blank_regions else "regions",
+              # what the checkpoint was fine-tuned from (`vlp report` names a task it was
+              # fine-tuned for before this one), and what this evaluation read
+              "init": meta.get("init"), "init_task": meta.get("init_task"),
+              "fingerprints": {"checkpoint": checkpoint_fingerprint(checkpoint),
+                               "corpus": c.meta.get("fingerprint"),
+                               "features": store.fingerprint,
+                               "recipe": fingerprint(recipe_to_dict(recipe))},
+              **metrics}
     if accelerator.is_main_process:
         _write(out, result, preds, task.result_files(preds))
     accelerator.wait_for_everyone()

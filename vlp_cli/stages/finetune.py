@@ -77,7 +77,10 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
                      Collator(builder.pad_id, task.collate), task.step,
                      eval_dataset=task.dataset(ctx, "val", seed + 1))
     meta = {"task": task.name, "tasks": {task.name: task.state},
-            "init": str(Path(checkpoint).resolve()), "corpus": corpus_meta(c),
+            "init": str(Path(checkpoint).resolve()),
+            # the task the source was fine-tuned for ("pretrain": a pre-training; None: not
+            # recorded, as in imported checkpoints)
+            "init_task": src_meta.get("task"), "corpus": corpus_meta(c),
             "features": features_meta(store)}
 
     def save(m: object, n: int) -> None:

@@ -52,15 +52,20 @@ def learning_rows(evals: list[dict]) -> list[dict]:
         if task is None:
             continue
         mine = [e for e in evals if e["task"] == name]
-        value = next((e.get(task.headline) for e in mine if "checkpoint" in e
-                      and e.get("inputs", "regions") == "regions"), None)
+        model = next((e for e in mine if "checkpoint" in e
+                      and e.get("inputs", "regions") == "regions"), {})
+        value = model.get(task.headline)
         majority = next((e.get(task.headline) for e in mine if "predictions" in e), None)
         text = next((e.get(task.headline) for e in mine if e.get("inputs") == "text only"),
                     None)
         if value is None or (majority is None and text is None):
             continue
         base = max(b for b in (majority, text) if b is not None)
+        # a model fine-tuned from another task's fine-tuning says so (make demo-tasks: NLVR2
+        # from SNLI-VE's)
+        source = model.get("init_task")
         rows.append({"task": name, "metric": task.headline, "value": value,
+                     "from": source if source not in (None, "pretrain", name) else None,
                      "majority": majority, "text_only": text, "margin": value - base,
                      "learning": value - base >= LEARNING_MARGIN})
     return rows
@@ -118,9 +123,10 @@ def show(run_dir: Path) -> None:
                     "learning"):
             lt.add_column(col, justify="left" if col in ("task", "metric") else "right")
         for r in learning:
-            lt.add_row(r["task"], r["metric"], *(f"{r[k]:.2f}" if r[k] is not None else "-"
-                                                 for k in ("value", "majority", "text_only",
-                                                           "margin")),
+            name = r["task"] + (f" (from {r['from']})" if r["from"] else "")
+            lt.add_row(name, r["metric"], *(f"{r[k]:.2f}" if r[k] is not None else "-"
+                                            for k in ("value", "majority", "text_only",
+                                                      "margin")),
                        {True: "yes", False: "NO"}.get(r["learning"], "-"))
         out.print(lt)
     if captions:
