@@ -48,8 +48,11 @@ def run(task_name: str, checkpoint: Path, corpus: Path, features: Path, out: Pat
         logger.warning("%s, by its pre-training's last held-out evaluation: %s", checkpoint,
                        note)
     if src_meta.get("task") not in (None, "pretrain", task.name):
-        logger.warning("%s was fine-tuned for %s; fine-tuning it again for %s", checkpoint,
-                       src_meta.get("task"), task.name)
+        # Intended when one task's fine-tuning is the start of another (make demo-tasks:
+        # NLVR2 from SNLI-VE's), a slip otherwise: said either way.
+        logger.warning("%s was fine-tuned for %s: %s starts from that fine-tuning's encoder "
+                       "(its %s heads are dropped)", checkpoint, src_meta.get("task"),
+                       task.name, src_meta.get("task"))
     identity = run_identity("finetune", task.name, recipe, [task.key], {
         "corpus": c.meta.get("fingerprint"), "features": store.fingerprint,
         "init": checkpoint_fingerprint(checkpoint)})
