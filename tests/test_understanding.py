@@ -139,6 +139,13 @@ def test_snli_ve_finetunes_evaluates_and_scores(pretrained: Path, task_data: dic
                                            "accuracy": 50.0},
                           {"task": "snli-ve", "predictions": "m.json", "accuracy": 50.0}])
     assert {r["task"]: r["from"] for r in rows} == {"nlvr2": "snli-ve", "snli-ve": None}
+    for name, m in (("n", nlvr2), ("m", {"task": "nlvr2", "predictions": "m.csv",
+                                         "accuracy": 50.0})):
+        (tmp_path / "r" / name).mkdir(parents=True)
+        (tmp_path / "r" / name / "metrics.json").write_text(json.dumps(m))
+    res = cli("report", tmp_path / "r")
+    assert res.exit_code == 0 and "nlvr2*" in res.output, res.output
+    assert "nlvr2: fine-tuned from the snli-ve fine-tuning" in res.output, res.output
 
 
 def test_refcoco_finetunes_evaluates_and_scores_by_iou(pretrained: Path, task_data: dict,

@@ -123,11 +123,13 @@ def show(run_dir: Path) -> None:
                     "learning"):
             lt.add_column(col, justify="left" if col in ("task", "metric") else "right")
         for r in learning:
-            name = r["task"] + (f" (from {r['from']})" if r["from"] else "")
+            name = r["task"] + ("*" if r["from"] else "")
             lt.add_row(name, r["metric"], *(f"{r[k]:.2f}" if r[k] is not None else "-"
                                             for k in ("value", "majority", "text_only",
                                                       "margin")),
                        {True: "yes", False: "NO"}.get(r["learning"], "-"))
+        lt.caption = "; ".join(f"* {r['task']}: fine-tuned from the {r['from']} fine-tuning"
+                               for r in learning if r["from"]) or None
         out.print(lt)
     if captions:
         ct = Table(title="generated captions vs references")
