@@ -88,7 +88,12 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
         strict: make any image failure the exit status.
         draw: write each image with its boxes and tags drawn into this folder.
     """
-    # A named data set may render its images here: they exist while extracting only.
+    from vlp_cli.readers import image_source
+
+    if image_source(images) is None:  # a folder of images: nothing to render
+        return _extract(images, Path(out), recipe, boxes, limit, strict, draw, None)
+    # A named data set may render its images here: they exist while extracting only (made only
+    # then, so that a killed run over a folder leaves no empty scratch folder behind).
     scratch = Path(tempfile.mkdtemp(prefix="vlp-extract-"))
     try:
         return _extract(images, Path(out), recipe, boxes, limit, strict, draw, scratch)
@@ -97,13 +102,14 @@ def run(images: str, out: Path, recipe: Recipe, boxes: Path | None = None,
 
 
 def _extract(images: str, out: Path, recipe: Recipe, boxes: Path | None, limit: int | None,
-             strict: bool, draw: Path | None, scratch: Path) -> Path:
+             strict: bool, draw: Path | None, scratch: Path | None) -> Path:
     cfg = recipe.extract
     derived: Path | None = None
     from vlp_cli.readers import image_source
 
     named = image_source(images)
-    if named is not None:  # a data set vlp knows by name: its images, and boxes it derives
+    if named is not None and scratch is not None:
+        # a data set vlp knows by name: its images, and boxes it derives
         root, given_boxes = named.image_source(images, scratch)
         if boxes is None and given_boxes is not None:
             # Kept beside the store once it is open, for anyone who wants to see them.
@@ -130,7 +136,7 @@ def _extract(images: str, out: Path, recipe: Recipe, boxes: Path | None, limit: 
     extractor = Extractor(cfg, given)
     # Images rendered afresh each run have no lasting folder: the data set's name is their
     # source (a rerun into the same store then resumes it).
-    transient = root.resolve().is_relative_to(scratch.resolve())
+    transient = scratch is not None and root.resolve().is_relative_to(scratch.resolve())
     meta = {**extractor.meta(), "source": images if transient else str(root.resolve())}
     skip = _existing_keys(out, target, world) if sharded else set()
     writer = FeatureStoreWriter(target, meta, commit_every=cfg.commit_every, planned=len(files))
